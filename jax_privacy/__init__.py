@@ -1,0 +1,30 @@
+"""JAX Privacy: differentially private training of machine-learning models in JAX.
+
+The building blocks of a DP training run, one submodule each:
+
+* ``batch_selection``: which examples take part in each step (host, NumPy).
+* ``clipping``: per-example gradients of bounded L2 norm (device, JAX).
+* ``noise_addition``: Gaussian noise as an ``optax.GradientTransformation``.
+* ``accounting``: (epsilon, delta) of a run and calibration of its settings.
+* ``dp_sgd``: the gradient-computer API of the "JAX & Flax" guide.
+
+``keras_api`` is not imported here so that Keras stays an optional dependency.
+"""
+
+__version__ = "0.1.0"
+
+from jax_privacy import accounting
+from jax_privacy import batch_selection
+from jax_privacy import clipping
+from jax_privacy import experimental
+from jax_privacy import noise_addition
+from jax_privacy.clipping import clipped_grad
+
+__all__ = [
+    "accounting",
+    "batch_selection",
+    "clipping",
+    "clipped_grad",
+    "experimental",
+    "noise_addition",
+]
