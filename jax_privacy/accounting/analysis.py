@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional, Protocol, Union, runtime_checkable
 
 import dp_accounting
+import numpy as np
 
 from jax_privacy.accounting import accountants
 from jax_privacy.experimental import accounting as dp_events
@@ -90,6 +91,8 @@ def _as_scale(name: str, value) -> float:
 
 def _normalize_schedule(name: str, schedule, as_value):
   """Validates a number or a piecewise schedule; returns it immutable."""
+  if hasattr(schedule, 'shape'):  # A NumPy or JAX scalar or array.
+    schedule = np.asarray(schedule).tolist()
   if _is_real(schedule):
     return as_value(name, schedule)
   if isinstance(schedule, Mapping):

@@ -94,9 +94,9 @@ def _largest_integer_within(
   low_epsilon = epsilon(low)
   if low_epsilon > target_epsilon:
     raise ValueError(
-        f'target_epsilon={target_epsilon} is unreachable: even {name}={low}'
-        f' gives epsilon={low_epsilon:.4g}. Add noise, or lower the other'
-        ' settings.'
+        f'target_epsilon={target_epsilon} is unreachable: the smallest'
+        f' epsilon reachable, at {name}={low}, is {low_epsilon:.4g}. Add'
+        ' noise, or lower the other settings.'
     )
   high = min(max(high, low + 1), limit)
   # Invariant: epsilon(low) <= target; grow `high` until epsilon(high) exceeds

@@ -14,7 +14,9 @@ NeighboringRelation = dp_accounting.NeighboringRelation
 
 def _dpsgd(q, sigma, steps):
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+      dp_accounting.PoissonSampledDpEvent(
+          q, dp_accounting.GaussianDpEvent(sigma)
+      ),
       steps,
   )
 
@@ -34,7 +36,9 @@ def test_default_orders_are_a_dense_grid_containing_dp_accounting_defaults():
     'q, sigma, steps',
     [(0.001, 20.0, 1), (0.01, 4.0, 1000), (0.1, 1.0, 100), (1.0, 50.0, 10)],
 )
-def test_default_orders_never_worse_than_dp_accounting_defaults(q, sigma, steps):
+def test_default_orders_never_worse_than_dp_accounting_defaults(
+    q, sigma, steps
+):
   ours = accountants.RdpAccountantConfig().create_accountant()
   theirs = dp_accounting.rdp.RdpAccountant()
   ours_epsilon = ours.compose(_dpsgd(q, sigma, steps)).get_epsilon(1e-5)

@@ -19,7 +19,9 @@ PLD = accountants.PldAccountantConfig(value_discretization_interval=1e-3)
 def _poisson_gaussian(q, sigma, steps):
   """The DP-SGD event, built here by hand from dp_accounting."""
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+      dp_accounting.PoissonSampledDpEvent(
+          q, dp_accounting.GaussianDpEvent(sigma)
+      ),
       steps,
   )
 
@@ -266,7 +268,9 @@ def test_zero_noise_gives_infinite_epsilon(config, noise):
 
 @pytest.mark.parametrize('noise', [0.0, [(0, 1.0), (5, 0.0)]])
 def test_zero_noise_rejected_when_finite_guarantee_required(noise):
-  with pytest.raises(ValueError, match='noise_multipliers.*is_finite_guarantee'):
+  with pytest.raises(
+      ValueError, match='noise_multipliers.*is_finite_guarantee'
+  ):
     _params(noise_multipliers=noise)
 
 
@@ -391,6 +395,16 @@ def test_dp_params_is_frozen_and_normalizes_schedules():
   assert params.num_samples == 1000 and isinstance(params.num_samples, int)
   with pytest.raises(dataclasses.FrozenInstanceError):
     params.delta = 0.1
+
+
+def test_dp_params_accepts_numpy_arrays():
+  params = _params(
+      noise_multipliers=np.float32(1.5),
+      batch_size=None,
+      batch_sizes=np.array([[0, 10], [5, 20]]),
+  )
+  assert params.noise_multipliers == 1.5
+  assert params.batch_sizes == ((0, 10), (5, 20))
 
 
 def test_dp_params_positional_fields():

@@ -41,7 +41,9 @@ class _ConstantAccountant:
     for name, value in flags.items():
       setattr(self, name, value)
 
-  def compute_epsilon(self, num_updates, dp_params, allow_approximate_cache=False):
+  def compute_epsilon(
+      self, num_updates, dp_params, allow_approximate_cache=False
+  ):
     del num_updates, dp_params, allow_approximate_cache
     self.calls += 1
     return self._epsilon
@@ -59,6 +61,7 @@ class _ConstantAccountant:
         (RDP, 3.0, [(0, 100), (200, 400)], 500, 0.01),
         (PLD, 2.0, 256, 500, 0.01),
     ],
+    ids=['dense-rdp', 'rdp-eps8', 'rdp-tol0.05', 'rdp-schedule', 'pld'],
 )
 def test_noise_meets_target_and_is_within_tol(
     accountant, target, batch_sizes, num_updates, tol
@@ -138,6 +141,7 @@ def test_noise_unreachable_target_says_so():
         (RDP, 2.0, 1.2, [(0, 100), (50, 300)], 10_000),
         (PLD, 1.5, 1.0, 256, 4),
     ],
+    ids=['rdp', 'rdp-noise-schedule', 'rdp-batch-schedule', 'pld'],
 )
 def test_num_updates_is_largest_meeting_target(
     accountant, target, noise, batch_sizes, initial_max
@@ -158,7 +162,7 @@ def test_num_updates_is_largest_meeting_target(
 
 
 def test_num_updates_unreachable_target_says_so():
-  with pytest.raises(ValueError, match='num_updates=1 gives epsilon'):
+  with pytest.raises(ValueError, match='unreachable.*at num_updates=1, is'):
     calibrate.calibrate_num_updates(
         target_epsilon=0.01,
         accountant=RDP,
@@ -179,6 +183,7 @@ def test_num_updates_unreachable_target_says_so():
         (RDP, 3.0, [(0, 2.0), (10, 0.9)], 100),
         (PLD, 2.0, 1.0, 200),
     ],
+    ids=['rdp', 'rdp-noise-schedule', 'pld'],
 )
 def test_batch_size_is_largest_meeting_target(
     accountant, target, noise, num_updates
@@ -209,7 +214,7 @@ def test_batch_size_is_capped_at_num_samples():
 
 
 def test_batch_size_unreachable_target_says_so():
-  with pytest.raises(ValueError, match='batch_size=1 gives epsilon'):
+  with pytest.raises(ValueError, match='unreachable.*at batch_size=1, is'):
     calibrate.calibrate_batch_size(
         target_epsilon=0.01,
         accountant=RDP,
@@ -251,9 +256,10 @@ _CALIBRATORS = [
     (calibrate.calibrate_num_updates, _STEPS_ARGS),
     (calibrate.calibrate_batch_size, _BATCH_ARGS),
 ]
+_IDS = ['noise', 'num_updates', 'batch_size']
 
 
-@pytest.mark.parametrize('calibrator, args', _CALIBRATORS)
+@pytest.mark.parametrize('calibrator, args', _CALIBRATORS, ids=_IDS)
 @pytest.mark.parametrize(
     'kwargs, message',
     [
@@ -277,7 +283,11 @@ def test_bad_input_is_rejected(calibrator, args, kwargs, message):
 @pytest.mark.parametrize(
     'calibrator, kwargs, message',
     [
-        (calibrate.calibrate_noise_multiplier, dict(num_updates=0), 'num_updates'),
+        (
+            calibrate.calibrate_noise_multiplier,
+            dict(num_updates=0),
+            'num_updates',
+        ),
         (
             calibrate.calibrate_noise_multiplier,
             dict(batch_sizes=1001),
@@ -341,7 +351,7 @@ def test_bad_specific_input_is_rejected(calibrator, kwargs, message):
     calibrator(**(args | kwargs))
 
 
-@pytest.mark.parametrize('calibrator, args', _CALIBRATORS)
+@pytest.mark.parametrize('calibrator, args', _CALIBRATORS, ids=_IDS)
 def test_accountant_must_be_a_training_accountant(calibrator, args):
   with pytest.raises(TypeError, match='accountant'):
     calibrator(**(args | dict(accountant='rdp')))

@@ -49,7 +49,8 @@ def test_dpsgd_event_epsilon_equals_direct_computation(q, sigma, steps, delta):
   event = accounting.dpsgd_event(sigma, steps, sampling_prob=q)
   # RDP of one sampled Gaussian step, times the number of steps, converted.
   orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
-  rdp_one_step = rdp_lib._compute_rdp_poisson_subsampled_gaussian(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  rdp_one_step = rdp_lib._compute_rdp_poisson_subsampled_gaussian(
       q, sigma, orders
   )
   direct_rdp, _ = rdp_lib.compute_epsilon(orders, steps * rdp_one_step, delta)
@@ -157,7 +158,9 @@ def test_fixed_full_batch_matches_gaussian_with_sensitivity_two(
   event = accounting.fixed_dpsgd_event(
       sigma, steps, dataset_size=100, batch_size=100
   )
-  accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+  accountant = RdpAccountant(
+      neighboring_relation=NeighboringRelation.REPLACE_ONE
+  )
   assert exact <= _epsilon(accountant, event, delta) <= 1.2 * exact
 
 

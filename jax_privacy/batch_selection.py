@@ -1,0 +1,400 @@
+"""Batch selection: which examples take part in each training step.
+
+Host-side NumPy. A strategy's ``batch_iterator(num_examples, rng)`` yields one
+sorted ``int64`` array of example indices per step. The privacy accounting of
+a run is only valid if the batches really are drawn the way its accountant
+assumes, so build the sampler and the ``DpEvent`` from the same settings.
+
+Variable-size batches (Poisson sampling) are padded to a few fixed shapes
+with :func:`pad_to_multiple_of` or :func:`split_and_pad_global_batch`; the
+padding index is ``-1`` and :func:`padding_mask` turns it into the
+``is_padding_example`` argument of ``clipping.clipped_grad``.
+
+Randomness is explicit: every ``batch_iterator`` needs a
+``np.random.Generator`` or an int seed, and refuses ``None``. Privacy
+amplification by sampling assumes the adversary cannot predict which
+examples are sampled, so a built-in default seed would void it, and seeding
+from the operating system would make runs impossible to reproduce or resume.
+"""
+
+import abc
+import dataclasses
+import enum
+import math
+import numbers
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = [
+    'BatchSelectionStrategy',
+    'CyclicPoissonSampling',
+    'FixedBatchSampling',
+    'PartitionType',
+    'pad_to_multiple_of',
+    'padding_mask',
+    'split_and_pad_global_batch',
+]
+
+_PADDING_INDEX = -1
+
+_RngLike = np.random.Generator | int | None
+
+
+class PartitionType(enum.Enum):
+  """How :class:`CyclicPoissonSampling` splits the data into groups.
+
+  Attributes:
+    INDEPENDENT: each example joins one of the ``cycle_length`` groups
+      uniformly at random, independently of the others (group sizes are
+      multinomial).
+    EQUAL_SPLIT: the examples are shuffled once and cut into
+      ``cycle_length`` groups whose sizes differ by at most one.
+  """
+
+  INDEPENDENT = 'independent'
+  EQUAL_SPLIT = 'equal_split'
+
+
+class BatchSelectionStrategy(abc.ABC):
+  """A rule for drawing the batch of every training step."""
+
+  @abc.abstractmethod
+  def batch_iterator(
+      self, num_examples: int, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    """Yields the example indices of each step.
+
+    Args:
+      num_examples: the number of examples in the data set; indices are
+        in ``[0, num_examples)``.
+      rng: a ``np.random.Generator`` (advanced in place as batches are
+        drawn) or an int seed. ``None`` raises ``ValueError``: sampling
+        randomness must be explicit (see the module docstring).
+
+    Returns:
+      An iterator over sorted ``int64`` index arrays, one per step.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicPoissonSampling(BatchSelectionStrategy):
+  """Poisson sampling, optionally within one of several groups per step.
+
+  The examples are split once into ``cycle_length`` disjoint groups
+  (see :class:`PartitionType`). Step ``t`` includes every example of group
+  ``t mod cycle_length`` independently with probability ``sampling_prob``,
+  and examples of other groups not at all. If the batch has more than
+  ``truncated_batch_size`` examples, a uniformly random subset of that size
+  is kept (the sampler draws the size ``min(Binomial(group size, q), B)``
+  and then a uniform subset of that size, which has the same distribution).
+
+  ``cycle_length=1`` is plain Poisson sampling as in DP-SGD;
+  ``sampling_prob=1`` with ``cycle_length=k`` visits the ``k`` groups in a
+  fixed order, one per step (deterministic epochs).
+
+  Cost per step is O(batch size) time and memory, even for 10^8 examples:
+  the batch size is drawn from a binomial and the members without
+  replacement, never one coin per example. With ``cycle_length > 1`` the
+  partition is built once, O(num_examples) memory for the whole run.
+
+  Privacy:
+    With ``cycle_length=1`` and no truncation this is the Poisson
+    subsampling that DP-SGD accounting assumes (each example included
+    independently with probability ``sampling_prob``, under add/remove
+    neighbours). With ``cycle_length=k`` each example can take part only in
+    steps ``t = j mod k`` of its group ``j`` and is Poisson-sampled there;
+    account for it with the cyclic / min-separation analysis (e.g. amplified
+    BandMF with ``num_bands <= k``). Truncation changes the mechanism:
+    account for it with the truncated events, which need
+    ``truncated_batch_size`` and the largest group size. The guarantee also
+    assumes the adversary does not know ``rng``.
+
+  Attributes:
+    sampling_prob: inclusion probability ``q`` in ``(0, 1]``.
+    iterations: number of steps (batches) to yield, ``>= 1``.
+    truncated_batch_size: ``None`` (no truncation) or the largest batch
+      size, ``>= 1``.
+    cycle_length: number of groups ``k >= 1``.
+    partition_type: how the groups are formed.
+
+  References:
+    Abadi et al., "Deep Learning with Differential Privacy", 2016,
+    arXiv:1607.00133.
+    Choquette-Choo et al., "Amplified Banded Matrix Factorization: A
+    unified approach to private training", 2023, arXiv:2306.08153.
+  """
+
+  sampling_prob: float
+  iterations: int
+  truncated_batch_size: int | None = None
+  cycle_length: int = 1
+  partition_type: PartitionType = PartitionType.EQUAL_SPLIT
+
+  def __post_init__(self):
+    _check_probability('sampling_prob', self.sampling_prob)
+    _check_integer('iterations', self.iterations, minimum=1)
+    if self.truncated_batch_size is not None:
+      _check_integer(
+          'truncated_batch_size', self.truncated_batch_size, minimum=1
+      )
+    _check_integer('cycle_length', self.cycle_length, minimum=1)
+    if not isinstance(self.partition_type, PartitionType):
+      raise ValueError(
+          'partition_type must be a PartitionType (INDEPENDENT or '
+          f'EQUAL_SPLIT), got {self.partition_type!r}'
+      )
+
+  def batch_iterator(
+      self, num_examples: int, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    _check_integer('num_examples', num_examples, minimum=1)
+    if num_examples < self.cycle_length:
+      raise ValueError(
+          f'num_examples must be >= cycle_length ({self.cycle_length}), '
+          f'got {num_examples}'
+      )
+    generator = _as_generator(rng)
+    return self._batches(int(num_examples), generator)
+
+  def _batches(self, num_examples, rng):
+    groups = self._partition(num_examples, rng)
+    for step in range(self.iterations):
+      group = groups[step % self.cycle_length]
+      group_size = num_examples if group is None else len(group)
+      batch_size = int(rng.binomial(group_size, self.sampling_prob))
+      if self.truncated_batch_size is not None:
+        batch_size = min(batch_size, self.truncated_batch_size)
+      positions = _distinct_uniform(rng, group_size, batch_size)
+      members = positions if group is None else group[positions]
+      yield np.sort(members).astype(np.int64, copy=False)
+
+  def _partition(self, num_examples, rng) -> list[np.ndarray | None]:
+    """The groups as index arrays; ``[None]`` stands for all examples."""
+    if self.cycle_length == 1:
+      return [None]
+    index_dtype = _smallest_index_dtype(num_examples)
+    if self.partition_type is PartitionType.EQUAL_SPLIT:
+      order = np.arange(num_examples, dtype=index_dtype)
+      rng.shuffle(order)
+      return np.array_split(order, self.cycle_length)
+    assignment = rng.integers(
+        self.cycle_length,
+        size=num_examples,
+        dtype=_smallest_index_dtype(self.cycle_length),
+    )
+    order = np.argsort(assignment, kind='stable').astype(index_dtype)
+    sizes = np.bincount(assignment, minlength=self.cycle_length)
+    return np.split(order, np.cumsum(sizes)[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedBatchSampling(BatchSelectionStrategy):
+  """Every step, a uniformly random batch of exactly ``batch_size`` examples.
+
+  Batches are independent across steps. With ``replace=False`` a batch has
+  ``batch_size`` distinct examples; with ``replace=True`` its examples are
+  drawn independently and uniformly, so one example can appear more than
+  once in a batch.
+
+  Privacy:
+    Sampling without (or with) replacement of a fixed size: account for it
+    with the matching fixed-batch event (``fixed_dpsgd_event(...,
+    replace=...)``), whose natural neighbouring relation is replace-one.
+    Poisson accounting does not apply. The guarantee assumes the adversary
+    does not know ``rng``.
+
+  Attributes:
+    batch_size: examples per batch, ``>= 1`` (and ``<= num_examples``
+      without replacement).
+    iterations: number of batches to yield, ``>= 1``.
+    replace: whether each batch is drawn with replacement.
+
+  References:
+    Abadi et al., "Deep Learning with Differential Privacy", 2016,
+    arXiv:1607.00133.
+  """
+
+  batch_size: int
+  iterations: int
+  replace: bool = False
+
+  def __post_init__(self):
+    _check_integer('batch_size', self.batch_size, minimum=1)
+    _check_integer('iterations', self.iterations, minimum=1)
+    if not isinstance(self.replace, (bool, np.bool_)):
+      raise ValueError(f'replace must be a bool, got {self.replace!r}')
+
+  def batch_iterator(
+      self, num_examples: int, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    _check_integer('num_examples', num_examples, minimum=1)
+    if not self.replace and self.batch_size > num_examples:
+      raise ValueError(
+          f'batch_size must be <= num_examples ({num_examples}) when '
+          f'sampling without replacement, got {self.batch_size}'
+      )
+    generator = _as_generator(rng)
+    return self._batches(int(num_examples), generator)
+
+  def _batches(self, num_examples, rng):
+    for _ in range(self.iterations):
+      if self.replace:
+        members = rng.integers(num_examples, size=self.batch_size)
+      else:
+        members = _distinct_uniform(rng, num_examples, self.batch_size)
+      yield np.sort(members).astype(np.int64, copy=False)
+
+
+def pad_to_multiple_of(indices: np.ndarray, multiple: int) -> np.ndarray:
+  """Pads ``indices`` along axis 0 with ``-1`` to a multiple of ``multiple``.
+
+  Args:
+    indices: an index array, e.g. a batch from a ``batch_iterator``. A 2-D
+      array is padded with rows of ``-1``.
+    multiple: the length of the result is the smallest multiple of this
+      that is ``>= len(indices)``; ``>= 1``.
+
+  Returns:
+    A new ``int64`` array; rows past ``len(indices)`` are ``-1``.
+  """
+  _check_integer('multiple', multiple, minimum=1)
+  indices = np.asarray(indices, dtype=np.int64)
+  padded_length = -(-len(indices) // multiple) * multiple
+  return _pad_rows(indices, padded_length)
+
+
+def split_and_pad_global_batch(
+    indices: np.ndarray, minibatch_size: int, microbatch_size: int | None = None
+) -> list[np.ndarray]:
+  """Splits a variable-size batch into fixed-size chunks for the device.
+
+  The rows of ``indices`` (axis 0) are cut, in order, into chunks of
+  ``minibatch_size`` rows; only the last chunk can be short, and it is
+  padded with ``-1``:
+
+  * ``microbatch_size=None``: to ``minibatch_size`` rows, so every chunk has
+    the same shape (one compilation).
+  * ``microbatch_size=m``: to the next multiple of ``m`` rows
+    (``minibatch_size`` must be a multiple of ``m``), which wastes less
+    compute at the price of up to ``minibatch_size / m`` chunk shapes.
+
+  An empty batch gives one chunk of padding only (``minibatch_size`` rows,
+  or ``m`` rows): a Poisson-sampled step with no examples must still run
+  and add its noise, as the accountant assumes.
+
+  Example::
+
+      >>> split_and_pad_global_batch(np.arange(5), 4)
+      [array([0, 1, 2, 3]), array([ 4, -1, -1, -1])]
+      >>> split_and_pad_global_batch(np.arange(5), 4, microbatch_size=2)
+      [array([0, 1, 2, 3]), array([ 4, -1])]
+
+  Args:
+    indices: a batch of indices, 1-D (examples) or 2-D (users x examples).
+    minibatch_size: rows per chunk, ``>= 1``.
+    microbatch_size: ``None`` or a divisor of ``minibatch_size``.
+
+  Returns:
+    A non-empty list of ``int64`` arrays whose concatenation, without the
+    ``-1`` rows, is ``indices``.
+  """
+  _check_integer('minibatch_size', minibatch_size, minimum=1)
+  if microbatch_size is not None:
+    _check_integer('microbatch_size', microbatch_size, minimum=1)
+    if minibatch_size % microbatch_size:
+      raise ValueError(
+          'minibatch_size must be a multiple of microbatch_size, got '
+          f'minibatch_size={minibatch_size}, '
+          f'microbatch_size={microbatch_size}'
+      )
+  indices = np.asarray(indices, dtype=np.int64)
+  last_multiple = minibatch_size if microbatch_size is None else microbatch_size
+  chunks = [
+      indices[start : start + minibatch_size]
+      for start in range(0, len(indices), minibatch_size)
+  ] or [indices[:0]]
+  last = chunks[-1]
+  padded_length = max(1, -(-len(last) // last_multiple)) * last_multiple
+  chunks[-1] = _pad_rows(last, padded_length)
+  return chunks
+
+
+def padding_mask(indices: np.ndarray) -> np.ndarray:
+  """``True`` where ``indices`` is the padding index ``-1``.
+
+  For a 1-D batch this is the ``is_padding_example`` argument of
+  ``clipping.clipped_grad``.
+
+  Args:
+    indices: an index array from the padding functions of this module.
+
+  Returns:
+    A bool array of the same shape.
+  """
+  return np.asarray(indices) == _PADDING_INDEX
+
+
+def _pad_rows(indices: np.ndarray, length: int) -> np.ndarray:
+  padding = np.full(
+      (length - len(indices),) + indices.shape[1:], _PADDING_INDEX, np.int64
+  )
+  return np.concatenate([indices, padding])
+
+
+def _distinct_uniform(rng, population: int, size: int) -> np.ndarray:
+  """``size`` distinct uniform draws from ``range(population)``, unsorted.
+
+  NumPy's ``Generator.choice`` (no replacement, no shuffle) uses Floyd's
+  algorithm with a hash set when ``size <= population / 50``, and otherwise
+  a partial shuffle of ``arange(population)``, which is then at most
+  ``50 * size`` long: O(size) time and memory either way. The exact draws
+  can differ between NumPy versions.
+  """
+  return rng.choice(population, size=size, replace=False, shuffle=False)
+
+
+def _smallest_index_dtype(upper: int) -> np.dtype:
+  return np.dtype(np.int32 if upper <= np.iinfo(np.int32).max else np.int64)
+
+
+def _as_generator(rng: _RngLike) -> np.random.Generator:
+  if isinstance(rng, np.random.Generator):
+    return rng
+  if rng is None:
+    raise ValueError(
+        'rng is required: pass a seed or a np.random.Generator, e.g. '
+        'rng=np.random.default_rng(seed) with a secret seed. Privacy '
+        'amplification by sampling assumes the batches cannot be '
+        'predicted, which a built-in default seed would break, and '
+        'batches drawn from operating-system entropy could not be '
+        'reproduced or resumed.'
+    )
+  if isinstance(rng, numbers.Integral) and not isinstance(
+      rng, (bool, np.bool_)
+  ):
+    if rng < 0:
+      raise ValueError(f'rng seed must be >= 0, got {rng}')
+    return np.random.default_rng(int(rng))
+  raise ValueError(
+      f'rng must be a np.random.Generator or an int seed, got {rng!r}'
+  )
+
+
+def _check_integer(name: str, value, *, minimum: int) -> None:
+  if (
+      not isinstance(value, numbers.Integral)
+      or isinstance(value, (bool, np.bool_))
+      or value < minimum
+  ):
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+
+
+def _check_probability(name: str, value) -> None:
+  if (
+      not isinstance(value, numbers.Real)
+      or isinstance(value, (bool, np.bool_))
+      or not math.isfinite(value)
+      or not 0.0 < value <= 1.0
+  ):
+    raise ValueError(f'{name} must be in (0, 1], got {value!r}')

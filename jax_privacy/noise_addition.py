@@ -1,0 +1,428 @@
+"""Noise addition: Gaussian privatizers as optax gradient transformations.
+
+The privatizer is the step of DP-SGD that turns a sum of clipped per-example
+gradients (a query of bounded L2 sensitivity) into a differentially private
+release by adding Gaussian noise. It composes with any optax optimizer::
+
+    privatizer = noise_addition.gaussian_privatizer(
+        stddev=noise_multiplier * l2_clip_norm,
+        prng_key=jax.random.key(seed),
+    )
+    optimizer = optax.chain(privatizer, optax.adam(1e-3))
+
+Everything the optimizer does after the privatizer is post-processing and
+costs no privacy.
+"""
+
+import enum
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    'GaussianPrivatizerState',
+    'SupportedStrategies',
+    'gaussian_noise_like',
+    'gaussian_privatizer',
+]
+
+_THREEFRY = 'threefry2x32'
+_SQRT2 = np.float32(math.sqrt(2.0))
+_MANTISSA_MASK = np.uint32(0x7FFFFF)
+_SIGN_BIT = np.uint32(0x80000000)
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = np.uint32(0x1BD11BDA)
+_ZERO_AXIS = 'zero_redundancy'
+# The fused Threefry path counts in one uint32 word.
+_MAX_FUSED_SIZE = 2**32 - 1
+
+
+class SupportedStrategies(enum.Enum):
+  """How the noise draw is laid out over devices.
+
+  With Threefry keys (JAX's default) both strategies produce bitwise the same
+  noise for the same key, step and tree, so the choice changes speed and
+  memory, never the mechanism.
+
+  Attributes:
+    DEFAULT: each leaf's noise is drawn wherever the compiler places it.
+      With replicated gradients every device draws the full noise; with
+      sharded gradients the compiler usually draws only the local shard.
+    ZERO: zero-redundancy generation. Each leaf's noise is drawn as a flat
+      vector sharded evenly over all devices (``jax.devices()``), so every
+      device draws only ``1 / num_devices`` of it, and the compiler then
+      moves it to the gradient's layout. Worth it when gradients are
+      replicated and drawing noise costs more than gathering it.
+  """
+
+  DEFAULT = 'default'
+  ZERO = 'zero'
+
+
+class GaussianPrivatizerState(NamedTuple):
+  """State of :func:`gaussian_privatizer`.
+
+  The noise of step ``t`` is a pure function of ``(key, t)``, so a run
+  restored from a checkpoint of this state draws exactly the noise the
+  uninterrupted run would have drawn.
+
+  Attributes:
+    key: the base PRNG key (a typed key, ``jax.random.key`` style).
+    count: number of updates made so far (``int32`` scalar); the next
+      update draws its noise from ``jax.random.fold_in(key, count)``.
+  """
+
+  key: jax.Array
+  count: jax.Array
+
+
+def gaussian_privatizer(
+    *,
+    stddev: float,
+    prng_key: jax.Array | None = None,
+    dtype: Any = None,
+    intermediate_strategy: SupportedStrategies = SupportedStrategies.DEFAULT,
+) -> optax.GradientTransformation:
+  """Adds i.i.d. Gaussian noise N(0, stddev^2) to every gradient coordinate.
+
+  ``update(sum_of_clipped_grads, state)`` returns the gradients plus fresh
+  noise for every coordinate of every leaf: the leaves get independent
+  keys and each step folds the step counter into the base key, so the
+  noise is independent across coordinates, leaves and steps, and
+  reproducible from ``prng_key``. Exactly: with
+  ``keys = jax.random.split(jax.random.fold_in(prng_key, t), L)``, step
+  ``t`` adds to leaf ``i`` of ``L`` the noise
+  ``stddev * Phi^-1((k + 1/2) / 2^24)`` elementwise, where ``Phi`` is the
+  standard normal CDF and the 24-bit integers ``k`` are formed from the top
+  bit and the low 23 bits of ``jax.random.bits(keys[i], leaf.shape)``
+  (for float32 noise; float64 noise is ``jax.random.normal(keys[i], ...)``
+  scaled by ``stddev``).
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> privatizer = gaussian_privatizer(
+      ...     stddev=1.0, prng_key=jax.random.key(0))
+      >>> grads = {'w': jnp.zeros((2, 3))}
+      >>> state = privatizer.init(grads)
+      >>> noisy, state = privatizer.update(grads, state)
+      >>> noisy['w'].shape, int(state.count)
+      ((2, 3), 1)
+
+  Privacy:
+    This is the Gaussian mechanism. The guarantee assumes that the input is
+    a query of L2 sensitivity ``Delta`` under the chosen neighbouring
+    relation (e.g. a sum of per-example gradients clipped to norm
+    ``Delta``, see ``clipping.BoundedSensitivityCallable.sensitivity``),
+    that ``stddev = noise_multiplier * Delta``, that the key is secret
+    from the adversary and used for nothing else, and that the accountant
+    is told the same noise multiplier and the sampling the batches really
+    had. ``stddev=0`` adds no noise and gives NO privacy; it is allowed for
+    non-private baselines. Like every floating-point sampler, float32 noise
+    only approximates the real Gaussian: it is inverse-CDF sampled at
+    ``2^-24`` quantile resolution, so its tails end at 5.42 standard
+    deviations; see Mironov 2012 on such gaps.
+
+  Args:
+    stddev: standard deviation of the noise added to every coordinate. A
+      finite number ``>= 0``, known on the host.
+    prng_key: the key all noise is derived from, e.g.
+      ``jax.random.key(seed)`` or a legacy ``jax.random.PRNGKey(seed)``.
+      Required: ``None`` raises (see Raises).
+    dtype: dtype of the returned gradients. ``None`` keeps each leaf's
+      dtype. The noise is drawn and added in ``dtype`` (or the leaf's
+      dtype) if that is at least ``float32``; for narrower types
+      (``bfloat16``, ``float16``) it is drawn and added in ``float32`` and
+      only the noisy sum is rounded: noise drawn in those types is far from
+      Gaussian (``jax.random.normal`` in bfloat16 takes 128 distinct values,
+      none beyond 2.9 standard deviations), while rounding after the
+      addition is post-processing.
+    intermediate_strategy: how the draw is laid out over devices; see
+      :class:`SupportedStrategies`. Never changes the noise values.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`GaussianPrivatizerState`.
+
+  Raises:
+    ValueError: if ``stddev`` is negative, NaN or infinite; if
+      ``prng_key`` is ``None`` or not a single PRNG key; if ``dtype`` is
+      not a floating-point type; or if ``intermediate_strategy`` is not a
+      :class:`SupportedStrategies`. Raised when the factory is called,
+      before anything is traced.
+
+  References:
+    Abadi et al., "Deep Learning with Differential Privacy", 2016,
+    arXiv:1607.00133.
+    Mironov, "On Significance of the Least Significant Bits for
+    Differential Privacy", CCS 2012.
+  """
+  stddev = _check_stddev(stddev)
+  key = _check_prng_key(prng_key)
+  out_dtype = _check_dtype(dtype)
+  sharding = _strategy_sharding(intermediate_strategy)
+
+  def init_fn(params):
+    del params
+    return GaussianPrivatizerState(key=key, count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_state = GaussianPrivatizerState(key=state.key, count=state.count + 1)
+    if stddev == 0.0:
+      if out_dtype is None:
+        return updates, new_state
+      return jax.tree.map(lambda g: g.astype(out_dtype), updates), new_state
+    step_key = jax.random.fold_in(state.key, state.count)
+    noise = _scaled_noise(step_key, updates, stddev, out_dtype, sharding)
+
+    def add_noise(g, z):
+      noisy = g.astype(z.dtype) + z
+      return noisy.astype(g.dtype if out_dtype is None else out_dtype)
+
+    return jax.tree.map(add_noise, updates, noise), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def gaussian_noise_like(tree, prng_key: jax.Array, stddev) -> Any:
+  """I.i.d. N(0, stddev^2) noise with the structure and shapes of ``tree``.
+
+  The stateless core of :func:`gaussian_privatizer`, for callers that manage
+  their own per-step keys (e.g. ``dp_sgd.gradients``). Every leaf gets its
+  own key derived from ``prng_key``.
+
+  Privacy:
+    As for :func:`gaussian_privatizer`: a fresh, secret key per release,
+    never reused; ``stddev`` is the noise multiplier times the L2
+    sensitivity of the quantity the noise is added to.
+
+  Args:
+    tree: a pytree of floating-point arrays (or ``jax.ShapeDtypeStruct``).
+    prng_key: a typed key (``jax.random.key``) or a legacy uint32 key.
+    stddev: the standard deviation; a number, or a traced scalar inside
+      ``jit`` (only a concrete value can be checked).
+
+  Returns:
+    The noise, one leaf per leaf of ``tree``, in the leaf's dtype if that
+    is at least ``float32`` and in ``float32`` otherwise: add it to the
+    gradient in that dtype and round only the sum (see the ``dtype``
+    argument of :func:`gaussian_privatizer`).
+
+  Raises:
+    ValueError: for a concrete ``stddev`` that is negative, NaN or
+      infinite, or a ``prng_key`` that is not a single PRNG key.
+  """
+  _check_stddev(stddev, allow_traced=True)
+  return _scaled_noise(_check_prng_key(prng_key), tree, stddev, None, None)
+
+
+def _check_stddev(stddev, allow_traced: bool = False) -> float | None:
+  """Returns ``stddev`` as a float; ``None`` if traced and ``allow_traced``."""
+  message = f'stddev must be a finite number >= 0, got {stddev!r}'
+  if isinstance(stddev, bool) or not isinstance(
+      stddev, (numbers.Real, np.ndarray, jax.Array)
+  ):
+    raise ValueError(message)
+  try:
+    value = float(stddev)
+  except jax.errors.ConcretizationTypeError as e:
+    if allow_traced:
+      return None
+    raise ValueError(f'{message}; it must be known on the host') from e
+  except TypeError as e:
+    raise ValueError(message) from e
+  if not (math.isfinite(value) and value >= 0.0):
+    raise ValueError(message)
+  return value
+
+
+def _check_prng_key(prng_key) -> jax.Array:
+  """Returns ``prng_key`` as a single typed key, or raises ValueError."""
+  if prng_key is None:
+    raise ValueError(
+        'prng_key is required: pass an explicit key, e.g. '
+        'prng_key=jax.random.key(seed) with a secret seed. A built-in '
+        'default seed would make the noise predictable to anyone who '
+        'knows it (predictable noise gives no privacy), and silently '
+        'drawing a seed from the operating system would make runs '
+        'impossible to reproduce or resume.'
+    )
+  key = prng_key
+  if not jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    if jnp.result_type(key) != jnp.uint32:
+      raise ValueError(
+          'prng_key must be a PRNG key (jax.random.key(seed)) or a '
+          'legacy uint32 key (jax.random.PRNGKey(seed)), got an array '
+          f'of dtype {jnp.result_type(key)}'
+      )
+    key = jax.random.wrap_key_data(key)
+  if key.shape != ():
+    raise ValueError(
+        'prng_key must be a single key, got a batch of keys of shape '
+        f'{key.shape}'
+    )
+  return key
+
+
+def _check_dtype(dtype):
+  if dtype is None:
+    return None
+  canonical = jax.dtypes.canonicalize_dtype(dtype)
+  if not jnp.issubdtype(canonical, jnp.floating):
+    raise ValueError(f'dtype must be a floating-point type, got {dtype!r}')
+  return canonical
+
+
+def _strategy_sharding(strategy) -> jax.sharding.NamedSharding | None:
+  if not isinstance(strategy, SupportedStrategies):
+    raise ValueError(
+        'intermediate_strategy must be a SupportedStrategies member '
+        f"({', '.join(s.name for s in SupportedStrategies)}), got "
+        f'{strategy!r}'
+    )
+  if strategy is SupportedStrategies.DEFAULT:
+    return None
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), (_ZERO_AXIS,))
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(_ZERO_AXIS)
+  )
+
+
+def _noise_dtype(leaf, out_dtype) -> np.dtype:
+  """The dtype the noise for ``leaf`` is drawn and added in (>= float32)."""
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise ValueError(
+        'Gaussian noise is added to floating-point gradients only, got a '
+        f'leaf of dtype {leaf.dtype} and shape {leaf.shape}'
+    )
+  target = leaf.dtype if out_dtype is None else out_dtype
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(target, jnp.float32))
+
+
+def _scaled_noise(key, tree, stddev, out_dtype, sharding):
+  """``stddev`` times an i.i.d. N(0, 1) tree, each leaf in its noise dtype."""
+  specs = jax.tree.map(
+      lambda g: jax.ShapeDtypeStruct(g.shape, _noise_dtype(g, out_dtype)), tree
+  )
+  noise = _standard_normal_tree(key, specs, sharding)
+  return jax.tree.map(lambda z: (stddev * z).astype(z.dtype), noise)
+
+
+def _standard_normal_tree(key, specs, sharding=None):
+  """Draws an i.i.d. N(0, 1) pytree shaped like ``specs``.
+
+  Each leaf gets its own key, ``jax.random.split(key, num_leaves)[i]``. Any
+  privatizer that needs a fresh Gaussian tree per step (i.i.d. or, after a
+  linear map, correlated noise) draws it here.
+
+  Args:
+    key: a typed PRNG key, used for nothing else.
+    specs: a pytree of ``jax.ShapeDtypeStruct`` (or arrays); float dtypes.
+    sharding: ``None``, or a 1-D ``NamedSharding`` over which each leaf's
+      flat draw is split evenly (zero-redundancy generation).
+
+  Returns:
+    A pytree with the structure, shapes and dtypes of ``specs``.
+  """
+  leaves, treedef = jax.tree.flatten(specs)
+  keys = jax.random.split(key, len(leaves)) if leaves else []
+  noise = [
+      _standard_normal(k, leaf.shape, leaf.dtype, sharding)
+      for k, leaf in zip(keys, leaves)
+  ]
+  return jax.tree.unflatten(treedef, noise)
+
+
+def _standard_normal(key, shape, dtype, sharding=None) -> jax.Array:
+  """N(0, 1) draws of ``shape``; each value depends only on its flat index.
+
+  float32 draws are ``_standard_normal_from_bits(jax.random.bits(key,
+  shape, jnp.uint32))``; wider types come from ``jax.random.normal``.
+  """
+  size = math.prod(shape)
+  if size == 0:
+    return jnp.zeros(shape, dtype)
+  num_shards = 1 if sharding is None else sharding.mesh.size
+  padded_size = -(-size // num_shards) * num_shards
+  if dtype == jnp.float32:
+    flat = _standard_normal_from_bits(_random_bits(key, padded_size, sharding))
+  else:
+    flat = jax.random.normal(key, (padded_size,), dtype)
+  if sharding is not None:
+    flat = jax.lax.with_sharding_constraint(flat, sharding)
+  return flat[:size].reshape(shape)
+
+
+def _random_bits(key, size, sharding) -> jax.Array:
+  """``jax.random.bits(key, (size,), jnp.uint32)``, faster for Threefry keys.
+
+  JAX lowers its Threefry hash on CPU as a rolled loop that stores every
+  intermediate array; :func:`_threefry2x32` is the same hash as elementwise
+  ops, which XLA fuses with the counters, the conversion to floats and the
+  addition to the gradient into one loop (see benchmarks/noise_benchmark.py).
+  The result is bitwise that of ``jax.random.bits`` with the default
+  ``jax_threefry_partitionable=True``: element ``i`` hashes the 64-bit
+  counter ``i`` and keeps the XOR of the two output words.
+  """
+  if str(jax.random.key_impl(key)) != _THREEFRY or size > _MAX_FUSED_SIZE:
+    return jax.random.bits(key, (size,), jnp.uint32)
+  counters = jax.lax.iota(jnp.uint32, size)
+  if sharding is not None:
+    counters = jax.lax.with_sharding_constraint(counters, sharding)
+  high, low = _threefry2x32(
+      jax.random.key_data(key), jnp.zeros_like(counters), counters
+  )
+  return high ^ low
+
+
+def _threefry2x32(key_words, x0, x1):
+  """The Threefry-2x32 block function with 20 rounds, as elementwise ops.
+
+  Bitwise the hash behind ``jax.random``'s default generator.
+
+  Args:
+    key_words: ``uint32[2]``, the key.
+    x0: ``uint32`` array, the high words of the counters.
+    x1: ``uint32`` array of the same shape, the low words.
+
+  Returns:
+    The two ``uint32`` output words of each block.
+
+  References:
+    Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3", SC 2011.
+  """
+  k0, k1 = key_words[0], key_words[1]
+  schedule = (k0, k1, k0 ^ k1 ^ _THREEFRY_PARITY)
+  x0, x1 = x0 + schedule[0], x1 + schedule[1]
+  for group in range(5):
+    for rotation in _THREEFRY_ROTATIONS[group % 2]:
+      x0 = x0 + x1
+      x1 = (x1 << rotation) | (x1 >> (32 - rotation))
+      x1 = x0 ^ x1
+    x0 = x0 + schedule[(group + 1) % 3]
+    x1 = x1 + schedule[(group + 2) % 3] + np.uint32(group + 1)
+  return x0, x1
+
+
+def _standard_normal_from_bits(bits: jax.Array) -> jax.Array:
+  """Maps uniform uint32 words to float32 N(0, 1) by the inverse CDF.
+
+  The top bit is the sign and the low 23 bits ``m`` pick the quantile
+  ``p = (m + 1/2) / 2^23`` of the half-normal ``|Z|``, whose inverse CDF
+  is ``sqrt(2) * erfinv(p)``. Equivalently ``Z = Phi^-1((k + 1/2) / 2^24)``
+  for ``k`` uniform on ``{0, ..., 2^24 - 1}``: symmetric, mean exactly 0,
+  never infinite.
+  """
+  quantile = ((bits & _MANTISSA_MASK).astype(jnp.float32) + 0.5) * np.float32(
+      2.0**-23
+  )
+  magnitude = _SQRT2 * jax.lax.erf_inv(quantile)
+  magnitude_bits = jax.lax.bitcast_convert_type(magnitude, jnp.uint32)
+  signed = magnitude_bits | (bits & _SIGN_BIT)
+  return jax.lax.bitcast_convert_type(signed, jnp.float32)
