@@ -39,7 +39,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jax_privacy import _per_example
 from jax_privacy import noise_addition
@@ -84,8 +83,9 @@ class GradientComputer(abc.ABC):
     per_example_grad_method: a :class:`grad_clipping.PerExampleGradMethod`.
     rng_per_param_fn: applied to the noise key before use, e.g. to make each
       device of a model-parallel run draw noise for its own parameters.
-    global_norm_fn: the norm that clipping bounds (default the global L2 norm
-      of the gradient pytree). It must be a norm at least as large as the L2
+    global_norm_fn: the norm that clipping bounds (default: the global L2
+      norm of the gradient pytree, as ``optax.global_norm`` computes it, but
+      accumulated in at least float32). A replacement must be at least the L2
       norm for the guarantee to hold.
 
   Raises:
@@ -101,7 +101,7 @@ class GradientComputer(abc.ABC):
       rescale_to_unit_norm: bool,
       per_example_grad_method: grad_clipping.PerExampleGradMethod,
       rng_per_param_fn: Callable[[jax.Array], jax.Array] = _identity,
-      global_norm_fn: Callable[[PyTree], jax.Array] = optax.global_norm,
+      global_norm_fn: Callable[[PyTree], jax.Array] = _per_example.global_l2_norm,
   ):
     self._clipping_norm = _check_optional(
         'clipping_norm', clipping_norm, positive=True
