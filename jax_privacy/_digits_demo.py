@@ -16,11 +16,9 @@ building blocks:
 Privacy:
   The guarantee covers the trained parameters (and anything computed from
   them, such as the test accuracy) with respect to the training split, under
-  Poisson sampling and add-or-remove-one neighbouring data sets. The
-  per-epoch training loss that `train_private` reports to its progress
-  callback is computed from the private training examples without noise: it
-  is a diagnostic for the operator, not covered by the guarantee, and is left
-  out of `DigitsResult`.
+  Poisson sampling and add-or-remove-one neighbouring data sets. Nothing
+  else computed from the training examples is reported: a noiseless training
+  loss would not be covered by the guarantee.
 
 References:
   Abadi et al., "Deep Learning with Differential Privacy", 2016.
@@ -238,15 +236,12 @@ class EpochProgress:
   Attributes:
     epoch: The epoch just finished, from 1.
     step: Steps run so far.
-    train_loss: Mean loss over the epoch's sampled examples. Computed from
-      the private data without noise: not covered by the guarantee.
     test_accuracy: Accuracy of the current parameters on the test split.
     epsilon: Epsilon spent by the steps run so far.
   """
 
   epoch: int
   step: int
-  train_loss: float
   test_accuracy: float
   epsilon: float
 
@@ -313,7 +308,6 @@ def train_private(
       l2_clip_norm=settings.clip_norm,
       batch_argnums=(1, 2),
       normalize_by=settings.batch_size,
-      return_values=True,
   )
   # Poisson sampling is accounted under add-or-remove-one neighbours, so that
   # is the relation whose sensitivity the noise must cover.
@@ -329,12 +323,9 @@ def train_private(
 
   @jax.jit
   def train_step(params, opt_state, features, labels, is_padding):
-    grads, aux = grad_fn(
-        params, features, labels, is_padding_example=is_padding
-    )
+    grads = grad_fn(params, features, labels, is_padding_example=is_padding)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    loss_sum = jnp.sum(jnp.where(is_padding, 0.0, aux.values))
-    return optax.apply_updates(params, updates), opt_state, loss_sum
+    return optax.apply_updates(params, updates), opt_state
 
   params = init_mlp(init_key)
   opt_state = optimizer.init(params)
@@ -342,9 +333,9 @@ def train_private(
   batches = _padded_batches(
       plan.sampling_prob, plan.num_steps, data.num_train, sampling_rng
   )
-  steps = loss_sum = num_examples = 0
+  steps = 0
   for indices, is_padding in batches:
-    params, opt_state, batch_loss = train_step(
+    params, opt_state = train_step(
         params,
         opt_state,
         data.train_x[indices],
@@ -352,19 +343,15 @@ def train_private(
         is_padding,
     )
     steps += 1
-    loss_sum += batch_loss
-    num_examples += int(np.sum(~is_padding))
     if on_epoch is not None and steps % plan.steps_per_epoch == 0:
       on_epoch(
           EpochProgress(
               epoch=steps // plan.steps_per_epoch,
               step=steps,
-              train_loss=float(loss_sum) / max(num_examples, 1),
               test_accuracy=accuracy(params),
               epsilon=accountant.compute_epsilon(steps, plan.dp_params),
           )
       )
-      loss_sum = num_examples = 0
   return params, steps
 
 

@@ -64,9 +64,7 @@ def _add_train_command(commands) -> None:
           "Trains a small MLP with DP-SGD on scikit-learn's digits data set"
           ' (1437 training / 360 test images), calibrating the noise with'
           ' the PLD accountant so that the run spends at most --epsilon.'
-          ' Batches are Poisson samples, as the accountant assumes. The'
-          ' training loss shown per epoch is computed from the private data'
-          ' without noise: a diagnostic that the guarantee does not cover.'
+          ' Batches are Poisson samples, as the accountant assumes.'
       ),
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
@@ -159,8 +157,8 @@ def _print_progress(
     progress: _digits_demo.EpochProgress, epochs: int, out: TextIO
 ) -> None:
   print(
-      f'epoch {progress.epoch:>3}/{epochs}  step {progress.step:>5}  train'
-      f' loss {progress.train_loss:.4f}  test accuracy'
+      f'epoch {progress.epoch:>3}/{epochs}  step {progress.step:>5}  test'
+      f' accuracy'
       f' {progress.test_accuracy:.4f}  epsilon {progress.epsilon:.4f}',
       file=out,
       flush=True,

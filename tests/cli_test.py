@@ -106,7 +106,7 @@ def test_default_run_reports_the_epsilon_of_the_steps_run(default_run):
 def test_progress_shows_epsilon_growing_to_the_reported_value(default_run):
   result, progress, _ = default_run
   lines = re.findall(
-      r'epoch +(\d+)/(\d+) +step +(\d+) +train loss +([\d.]+) +test accuracy'
+      r'epoch +(\d+)/(\d+) +step +(\d+) +test accuracy'
       r' +([\d.]+) +epsilon +([\d.]+)',
       progress,
   )
