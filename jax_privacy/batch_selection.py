@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 
 __all__ = [
+    'BallsInBinsSampling',
     'BatchSelectionStrategy',
     'CyclicPoissonSampling',
     'FixedBatchSampling',
@@ -34,6 +35,7 @@ __all__ = [
     'pad_to_multiple_of',
     'padding_mask',
     'split_and_pad_global_batch',
+    'UserSelectionStrategy',
 ]
 
 _PADDING_INDEX = -1
@@ -244,6 +246,151 @@ class FixedBatchSampling(BatchSelectionStrategy):
       else:
         members = _distinct_uniform(rng, num_examples, self.batch_size)
       yield np.sort(members).astype(np.int64, copy=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class BallsInBinsSampling(BatchSelectionStrategy):
+  """Every epoch, each example is thrown into one of ``cycle_length`` batches.
+
+  At the start of each epoch (every ``cycle_length`` steps) each example is
+  assigned to one of the epoch's ``cycle_length`` steps uniformly at random,
+  independently of the other examples and of earlier epochs; step ``t``
+  trains on the examples assigned to it. Every example therefore takes part
+  in exactly one step per epoch, and batch sizes are Binomial(n, 1/k).
+
+  The assignment costs O(num_examples) time and memory once per epoch.
+
+  Privacy:
+    Balls-in-bins sampling: each example participates exactly once per epoch
+    at a uniformly random step. It is not Poisson sampling: do not account
+    for it with the Poisson DP-SGD event. Chua et al. show its privacy is
+    close to Poisson sampling with ``q = 1 / cycle_length`` and give a
+    Monte Carlo accountant; use a conservative analysis such as cyclic
+    (min-separation) accounting if an exact bound is required. The guarantee
+    assumes the adversary does not know ``rng``.
+
+  Attributes:
+    iterations: number of steps (batches) to yield, ``>= 1``.
+    cycle_length: steps per epoch ``k >= 1``.
+
+  References:
+    Chua et al., "Balls-and-Bins Sampling for DP-SGD", 2024,
+    arXiv:2412.16802.
+  """
+
+  iterations: int
+  cycle_length: int
+
+  def __post_init__(self):
+    _check_integer('iterations', self.iterations, minimum=1)
+    _check_integer('cycle_length', self.cycle_length, minimum=1)
+
+  def batch_iterator(
+      self, num_examples: int, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    _check_integer('num_examples', num_examples, minimum=1)
+    return self._batches(int(num_examples), _as_generator(rng))
+
+  def _batches(self, num_examples, rng):
+    bins = []
+    for step in range(self.iterations):
+      if step % self.cycle_length == 0:
+        assignment = rng.integers(
+            self.cycle_length,
+            size=num_examples,
+            dtype=_smallest_index_dtype(self.cycle_length),
+        )
+        order = np.argsort(assignment, kind='stable')
+        sizes = np.bincount(assignment, minlength=self.cycle_length)
+        bins = np.split(order, np.cumsum(sizes)[:-1])
+      yield bins[step % self.cycle_length].astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSelectionStrategy:
+  """Samples users with a base strategy, then examples of each sampled user.
+
+  ``batch_iterator(user_ids, rng)`` draws each step's users with
+  ``base_strategy`` (over the distinct users, in sorted order of their ids)
+  and yields a 2-D ``[users, examples_per_user_per_batch]`` array of
+  example indices, for per-user clipping (``clipped_grad(...,
+  keep_batch_dim=False)`` with inputs gathered as ``x[indices]``). A user
+  contributes their examples in turn, wrapping around when all have been
+  used; with ``shuffle_per_user`` their order is shuffled once at the start.
+  A user with fewer examples than ``examples_per_user_per_batch`` is padded
+  with ``-1`` (see :func:`padding_mask` for the padding of whole rows).
+
+  Privacy:
+    The guarantee is user-level: neighbouring data sets differ in all the
+    examples of one user, and the base strategy's sampling of users is what
+    the accountant must assume (e.g. Poisson sampling of users with
+    ``q = expected users per batch / number of users``). Each user's
+    examples must be clipped together, as one group.
+
+  Attributes:
+    base_strategy: how users are sampled each step.
+    examples_per_user_per_batch: examples of each sampled user per step.
+    shuffle_per_user: shuffle each user's examples once, instead of using
+      them in index order.
+  """
+
+  base_strategy: BatchSelectionStrategy
+  examples_per_user_per_batch: int = 1
+  shuffle_per_user: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.base_strategy, BatchSelectionStrategy):
+      raise ValueError(
+          'base_strategy must be a BatchSelectionStrategy, got '
+          f'{self.base_strategy!r}'
+      )
+    _check_integer(
+        'examples_per_user_per_batch',
+        self.examples_per_user_per_batch,
+        minimum=1,
+    )
+
+  def batch_iterator(
+      self, user_ids: np.ndarray, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    """Yields ``[users, examples_per_user_per_batch]`` index arrays.
+
+    Args:
+      user_ids: the user of each example, shape ``[num_examples]``.
+      rng: a ``np.random.Generator`` or an int seed (required).
+
+    Returns:
+      An iterator over ``int64`` arrays of example indices, one per step;
+      rows are users (sorted by user id), ``-1`` marks padding.
+    """
+    user_ids = np.asarray(user_ids)
+    if user_ids.ndim != 1 or user_ids.size == 0:
+      raise ValueError(
+          'user_ids must be a non-empty 1-D array (the user of each '
+          f'example), got shape {user_ids.shape}'
+      )
+    generator = _as_generator(rng)
+    _, user_of_example = np.unique(user_ids, return_inverse=True)
+    order = np.argsort(user_of_example, kind='stable')
+    counts = np.bincount(user_of_example)
+    examples_of_user = np.split(order, np.cumsum(counts)[:-1])
+    if self.shuffle_per_user:
+      for examples in examples_of_user:
+        generator.shuffle(examples)
+    return self._batches(examples_of_user, generator)
+
+  def _batches(self, examples_of_user, rng):
+    k = self.examples_per_user_per_batch
+    next_position = np.zeros(len(examples_of_user), np.int64)
+    for users in self.base_strategy.batch_iterator(len(examples_of_user), rng):
+      rows = np.full((len(users), k), _PADDING_INDEX, np.int64)
+      for row, user in enumerate(users):
+        examples = examples_of_user[user]
+        take = min(k, len(examples))
+        positions = (next_position[user] + np.arange(take)) % len(examples)
+        rows[row, :take] = examples[positions]
+        next_position[user] = (next_position[user] + take) % len(examples)
+      yield rows
 
 
 def pad_to_multiple_of(indices: np.ndarray, multiple: int) -> np.ndarray:

@@ -407,3 +407,104 @@ def test_padding_mask():
   assert mask.dtype == bool
   two_d = bs.padding_mask(np.array([[1, -1], [-1, -1]]))
   np.testing.assert_array_equal(two_d, [[False, True], [True, True]])
+
+
+# Balls-in-bins and user-level selection.
+
+
+def test_balls_in_bins_each_example_once_per_epoch():
+  sampler = bs.BallsInBinsSampling(iterations=12, cycle_length=4)
+  batches = list(sampler.batch_iterator(1000, rng=0))
+  assert len(batches) == 12
+  for epoch in range(3):
+    epoch_batches = batches[4 * epoch : 4 * epoch + 4]
+    joined = np.concatenate(epoch_batches)
+    np.testing.assert_array_equal(np.sort(joined), np.arange(1000))
+  # Assignments are redrawn each epoch, not repeated.
+  assert not np.array_equal(batches[0], batches[4])
+
+
+def test_balls_in_bins_batch_sizes_are_binomial():
+  n, k = 2000, 5
+  sampler = bs.BallsInBinsSampling(iterations=k * 200, cycle_length=k)
+  sizes = np.array([len(b) for b in sampler.batch_iterator(n, rng=1)])
+  expected_std = np.sqrt(n * (1 / k) * (1 - 1 / k))
+  assert abs(sizes.mean() - n / k) < 1e-9  # each epoch sums to n exactly
+  assert 0.85 < sizes.std() / expected_std < 1.15
+  # Example 0's step within the epoch is uniform over the k steps.
+  batches = list(
+      bs.BallsInBinsSampling(
+          iterations=k * 2000, cycle_length=k
+      ).batch_iterator(3, rng=2)
+  )
+  positions = [
+      step % k for step, b in enumerate(batches) if 0 in b
+  ]
+  counts = np.bincount(positions, minlength=k)
+  assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_balls_in_bins_is_reproducible_and_validates():
+  sampler = bs.BallsInBinsSampling(iterations=3, cycle_length=2)
+  a = list(sampler.batch_iterator(50, rng=7))
+  b = list(sampler.batch_iterator(50, rng=7))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(ValueError, match='cycle_length'):
+    bs.BallsInBinsSampling(iterations=3, cycle_length=0)
+  with pytest.raises(ValueError, match='rng'):
+    next(sampler.batch_iterator(50))
+
+
+def test_user_selection_yields_examples_of_sampled_users():
+  user_ids = np.array([10, 10, 10, 20, 30, 30, 10, 20])
+  strategy = bs.UserSelectionStrategy(
+      bs.FixedBatchSampling(batch_size=2, iterations=50),
+      examples_per_user_per_batch=2,
+  )
+  seen = {10: [], 20: [], 30: []}
+  for rows in strategy.batch_iterator(user_ids, rng=0):
+    assert rows.shape == (2, 2)
+    for row in rows:
+      real = row[row >= 0]
+      users = set(user_ids[real])
+      assert len(users) == 1  # a row holds one user's examples
+      seen[users.pop()].extend(real.tolist())
+  # Each user's examples are all used, in turn.
+  assert set(seen[10]) == {0, 1, 2, 6}
+  assert set(seen[20]) == {3, 7}
+  assert set(seen[30]) == {4, 5}
+
+
+def test_user_selection_pads_users_with_few_examples():
+  user_ids = np.array([0, 1, 1, 1])
+  strategy = bs.UserSelectionStrategy(
+      bs.FixedBatchSampling(batch_size=2, iterations=1),
+      examples_per_user_per_batch=3,
+  )
+  (rows,) = list(strategy.batch_iterator(user_ids, rng=0))
+  np.testing.assert_array_equal(rows[0], [0, -1, -1])
+  np.testing.assert_array_equal(np.sort(rows[1]), [1, 2, 3])
+  np.testing.assert_array_equal(
+      bs.padding_mask(rows[0]), [False, True, True]
+  )
+
+
+def test_user_selection_shuffle_per_user_and_validation():
+  user_ids = np.repeat(np.arange(3), 20)
+  shuffled = bs.UserSelectionStrategy(
+      bs.FixedBatchSampling(batch_size=3, iterations=1),
+      examples_per_user_per_batch=5,
+      shuffle_per_user=True,
+  )
+  (rows,) = list(shuffled.batch_iterator(user_ids, rng=0))
+  assert not all(np.array_equal(r, np.sort(r)) and r[-1] - r[0] == 4 for r in rows)
+  with pytest.raises(ValueError, match='examples_per_user_per_batch'):
+    bs.UserSelectionStrategy(
+        bs.FixedBatchSampling(batch_size=3, iterations=1),
+        examples_per_user_per_batch=0,
+    )
+  with pytest.raises(ValueError, match='base_strategy'):
+    bs.UserSelectionStrategy('poisson')
+  with pytest.raises(ValueError, match='user_ids'):
+    next(shuffled.batch_iterator(np.array([]), rng=0))
