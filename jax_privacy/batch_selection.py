@@ -26,9 +26,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jax_privacy._padding import PADDING_INDEX as _PADDING_INDEX
+from jax_privacy._padding import check_integer as _check_integer
+from jax_privacy._padding import pad_to_multiple_of
+from jax_privacy._padding import padding_mask
+from jax_privacy._padding import split_and_pad_global_batch
+
 __all__ = [
     'BallsInBinsSampling',
     'BatchSelectionStrategy',
+    'BMinSepSampling',
     'CyclicPoissonSampling',
     'FixedBatchSampling',
     'PartitionType',
@@ -38,7 +45,6 @@ __all__ = [
     'UserSelectionStrategy',
 ]
 
-_PADDING_INDEX = -1
 
 _RngLike = np.random.Generator | int | None
 
@@ -393,100 +399,116 @@ class UserSelectionStrategy:
       yield rows
 
 
-def pad_to_multiple_of(indices: np.ndarray, multiple: int) -> np.ndarray:
-  """Pads ``indices`` along axis 0 with ``-1`` to a multiple of ``multiple``.
+@dataclasses.dataclass(frozen=True)
+class BMinSepSampling(BatchSelectionStrategy):
+  """Poisson sampling with a minimum separation between participations.
 
-  Args:
-    indices: an index array, e.g. a batch from a ``batch_iterator``. A 2-D
-      array is padded with rows of ``-1``.
-    multiple: the length of the result is the smallest multiple of this
-      that is ``>= len(indices)``; ``>= 1``.
+  An example that takes part in step ``t`` cannot take part in steps
+  ``t + 1, ..., t + min_sep - 1``; at every other step it is included
+  independently with probability ``sampling_prob``. With ``warm_start``, the
+  run starts from the stationary state of that rule (each example is
+  eligible with probability ``1 / (1 + (min_sep - 1) q)`` and otherwise
+  waits a uniformly random ``1..min_sep - 1`` steps), so every step has the
+  same marginal inclusion probability ``q / (1 + (min_sep - 1) q)``; without
+  it, every example is eligible at the first step. Batches larger than
+  ``truncated_batch_size`` keep a uniformly random subset of that size.
 
-  Returns:
-    A new ``int64`` array; rows past ``len(indices)`` are ``-1``.
+  Cost per step is O(min_sep x batch size) time and memory: the sampler
+  tracks only the examples waiting out their separation.
+
+  Privacy:
+    b-min-sep sampling, the participation pattern under which amplified
+    matrix-factorization mechanisms (e.g. BandMF with ``num_bands <=
+    min_sep``) are analysed by Choquette-Choo et al. (2024). It is not
+    plain Poisson sampling: account for it with that analysis. The
+    guarantee assumes the adversary does not know ``rng``.
+
+  Attributes:
+    sampling_prob: inclusion probability ``q`` of an eligible example, in
+      ``(0, 1]``.
+    iterations: number of steps (batches) to yield, ``>= 1``.
+    min_sep: the least number of steps between two participations of one
+      example, ``>= 1`` (1 is plain Poisson sampling).
+    warm_start: start from the stationary state instead of all eligible.
+    truncated_batch_size: ``None`` or the largest batch size, ``>= 1``.
+
+  References:
+    Choquette-Choo et al., "Near Exact Privacy Amplification for Matrix
+    Mechanisms", 2024, arXiv:2410.06266.
   """
-  _check_integer('multiple', multiple, minimum=1)
-  indices = np.asarray(indices, dtype=np.int64)
-  padded_length = -(-len(indices) // multiple) * multiple
-  return _pad_rows(indices, padded_length)
 
+  sampling_prob: float
+  iterations: int
+  min_sep: int
+  warm_start: bool = True
+  truncated_batch_size: int | None = None
 
-def split_and_pad_global_batch(
-    indices: np.ndarray, minibatch_size: int, microbatch_size: int | None = None
-) -> list[np.ndarray]:
-  """Splits a variable-size batch into fixed-size chunks for the device.
-
-  The rows of ``indices`` (axis 0) are cut, in order, into chunks of
-  ``minibatch_size`` rows; only the last chunk can be short, and it is
-  padded with ``-1``:
-
-  * ``microbatch_size=None``: to ``minibatch_size`` rows, so every chunk has
-    the same shape (one compilation).
-  * ``microbatch_size=m``: to the next multiple of ``m`` rows
-    (``minibatch_size`` must be a multiple of ``m``), which wastes less
-    compute at the price of up to ``minibatch_size / m`` chunk shapes.
-
-  An empty batch gives one chunk of padding only (``minibatch_size`` rows,
-  or ``m`` rows): a Poisson-sampled step with no examples must still run
-  and add its noise, as the accountant assumes.
-
-  Example::
-
-      >>> split_and_pad_global_batch(np.arange(5), 4)
-      [array([0, 1, 2, 3]), array([ 4, -1, -1, -1])]
-      >>> split_and_pad_global_batch(np.arange(5), 4, microbatch_size=2)
-      [array([0, 1, 2, 3]), array([ 4, -1])]
-
-  Args:
-    indices: a batch of indices, 1-D (examples) or 2-D (users x examples).
-    minibatch_size: rows per chunk, ``>= 1``.
-    microbatch_size: ``None`` or a divisor of ``minibatch_size``.
-
-  Returns:
-    A non-empty list of ``int64`` arrays whose concatenation, without the
-    ``-1`` rows, is ``indices``.
-  """
-  _check_integer('minibatch_size', minibatch_size, minimum=1)
-  if microbatch_size is not None:
-    _check_integer('microbatch_size', microbatch_size, minimum=1)
-    if minibatch_size % microbatch_size:
-      raise ValueError(
-          'minibatch_size must be a multiple of microbatch_size, got '
-          f'minibatch_size={minibatch_size}, '
-          f'microbatch_size={microbatch_size}'
+  def __post_init__(self):
+    _check_probability('sampling_prob', self.sampling_prob)
+    _check_integer('iterations', self.iterations, minimum=1)
+    _check_integer('min_sep', self.min_sep, minimum=1)
+    if self.truncated_batch_size is not None:
+      _check_integer(
+          'truncated_batch_size', self.truncated_batch_size, minimum=1
       )
-  indices = np.asarray(indices, dtype=np.int64)
-  last_multiple = minibatch_size if microbatch_size is None else microbatch_size
-  chunks = [
-      indices[start : start + minibatch_size]
-      for start in range(0, len(indices), minibatch_size)
-  ] or [indices[:0]]
-  last = chunks[-1]
-  padded_length = max(1, -(-len(last) // last_multiple)) * last_multiple
-  chunks[-1] = _pad_rows(last, padded_length)
-  return chunks
+
+  def batch_iterator(
+      self, num_examples: int, rng: _RngLike = None
+  ) -> Iterator[np.ndarray]:
+    _check_integer('num_examples', num_examples, minimum=1)
+    return self._batches(int(num_examples), _as_generator(rng))
+
+  def _initial_waiting(self, num_examples, rng) -> list[np.ndarray]:
+    """``waiting[k]``: examples that become eligible in ``k + 1`` steps."""
+    levels = self.min_sep - 1
+    if not self.warm_start or levels == 0:
+      return [np.zeros(0, np.int64) for _ in range(levels)]
+    q = self.sampling_prob
+    eligible = 1.0 / (1.0 + levels * q)
+    counts = rng.multinomial(num_examples, [eligible] + [q * eligible] * levels)
+    waiting_total = int(counts[1:].sum())
+    members = _distinct_uniform(rng, num_examples, waiting_total)
+    return np.split(members.astype(np.int64), np.cumsum(counts[1:])[:-1])
+
+  def _batches(self, num_examples, rng):
+    waiting = self._initial_waiting(num_examples, rng)
+    for _ in range(self.iterations):
+      blocked = (
+          np.concatenate(waiting) if waiting else np.zeros(0, np.int64)
+      )
+      eligible = num_examples - len(blocked)
+      batch_size = int(rng.binomial(eligible, self.sampling_prob))
+      if self.truncated_batch_size is not None:
+        batch_size = min(batch_size, self.truncated_batch_size)
+      batch = np.sort(_distinct_uniform_excluding(
+          rng, num_examples, batch_size, blocked
+      ))
+      if waiting:
+        waiting = waiting[1:] + [batch]
+      yield batch
 
 
-def padding_mask(indices: np.ndarray) -> np.ndarray:
-  """``True`` where ``indices`` is the padding index ``-1``.
+def _distinct_uniform_excluding(
+    rng, population: int, size: int, excluded: np.ndarray
+) -> np.ndarray:
+  """``size`` distinct uniform draws from ``range(population)`` minus a set.
 
-  For a 1-D batch this is the ``is_padding_example`` argument of
-  ``clipping.clipped_grad``.
-
-  Args:
-    indices: an index array from the padding functions of this module.
-
-  Returns:
-    A bool array of the same shape.
+  Rejection sampling when the excluded set is at most half the population
+  (expected O(size + len(excluded)) work), an explicit complement otherwise.
   """
-  return np.asarray(indices) == _PADDING_INDEX
-
-
-def _pad_rows(indices: np.ndarray, length: int) -> np.ndarray:
-  padding = np.full(
-      (length - len(indices),) + indices.shape[1:], _PADDING_INDEX, np.int64
-  )
-  return np.concatenate([indices, padding])
+  if size == 0:
+    return np.zeros(0, np.int64)
+  if 2 * len(excluded) > population:
+    allowed = np.setdiff1d(np.arange(population), excluded)
+    return allowed[_distinct_uniform(rng, len(allowed), size)].astype(np.int64)
+  chosen = np.zeros(0, np.int64)
+  while len(chosen) < size:
+    need = size - len(chosen)
+    draws = rng.integers(population, size=2 * need + 8)
+    draws = draws[~np.isin(draws, excluded)]
+    chosen = np.union1d(chosen, draws)
+  # union1d sorts, so keep a uniformly random subset of the right size.
+  return rng.choice(chosen, size=size, replace=False)
 
 
 def _distinct_uniform(rng, population: int, size: int) -> np.ndarray:
@@ -526,15 +548,6 @@ def _as_generator(rng: _RngLike) -> np.random.Generator:
   raise ValueError(
       f'rng must be a np.random.Generator or an int seed, got {rng!r}'
   )
-
-
-def _check_integer(name: str, value, *, minimum: int) -> None:
-  if (
-      not isinstance(value, numbers.Integral)
-      or isinstance(value, (bool, np.bool_))
-      or value < minimum
-  ):
-    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
 
 
 def _check_probability(name: str, value) -> None:

@@ -508,3 +508,77 @@ def test_user_selection_shuffle_per_user_and_validation():
     bs.UserSelectionStrategy('poisson')
   with pytest.raises(ValueError, match='user_ids'):
     next(shuffled.batch_iterator(np.array([]), rng=0))
+
+
+# b-min-sep sampling.
+
+
+def _participation_matrix(batches, n):
+  matrix = np.zeros((len(batches), n), bool)
+  for t, b in enumerate(batches):
+    matrix[t, b] = True
+  return matrix
+
+
+@pytest.mark.parametrize('min_sep', [1, 3, 6])
+@pytest.mark.parametrize('warm_start', [True, False])
+def test_bminsep_separation_and_rates(min_sep, warm_start):
+  n, q, steps = 3000, 0.2, 60
+  sampler = bs.BMinSepSampling(
+      sampling_prob=q, iterations=steps, min_sep=min_sep, warm_start=warm_start
+  )
+  batches = list(sampler.batch_iterator(n, rng=5))
+  m = _participation_matrix(batches, n)
+  for t in range(steps):
+    assert len(np.unique(batches[t])) == len(batches[t])
+    # No example takes part twice within min_sep steps.
+    window = m[max(0, t - min_sep + 1) : t + 1]
+    assert window.sum(axis=0).max() <= 1
+  stationary = q / (1 + (min_sep - 1) * q)
+  first_rate = m[0].mean()
+  expected_first = stationary if warm_start else q
+  sd = np.sqrt(expected_first * (1 - expected_first) / n)
+  assert abs(first_rate - expected_first) < 5 * sd
+  late = m[steps // 2 :].mean()
+  assert abs(late - stationary) < 0.01
+  # An eligible example is included with probability q.
+  eligible = np.ones((steps, n), bool)
+  for t in range(steps):
+    for s in range(1, min_sep):
+      if t - s >= 0:
+        eligible[t] &= ~m[t - s]
+  rows = slice(min_sep, steps)
+  rate = m[rows][eligible[rows]].mean()
+  assert abs(rate - q) < 0.01
+
+
+def test_bminsep_truncation_reproducibility_and_errors():
+  sampler = bs.BMinSepSampling(
+      sampling_prob=0.5, iterations=20, min_sep=2, truncated_batch_size=10
+  )
+  a = list(sampler.batch_iterator(100, rng=1))
+  b = list(sampler.batch_iterator(100, rng=1))
+  assert all(len(x) <= 10 for x in a)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  for kwargs, field in [
+      (dict(sampling_prob=0.0, iterations=1, min_sep=2), 'sampling_prob'),
+      (dict(sampling_prob=0.5, iterations=1, min_sep=0), 'min_sep'),
+      (dict(sampling_prob=0.5, iterations=0, min_sep=2), 'iterations'),
+      (
+          dict(sampling_prob=0.5, iterations=1, min_sep=2, truncated_batch_size=0),
+          'truncated_batch_size',
+      ),
+  ]:
+    with pytest.raises(ValueError, match=field):
+      bs.BMinSepSampling(**kwargs)
+
+
+def test_bminsep_large_population_is_cheap():
+  sampler = bs.BMinSepSampling(sampling_prob=1e-6, iterations=5, min_sep=4)
+  tracemalloc.start()
+  batches = list(sampler.batch_iterator(10**8, rng=0))
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert peak < 10 * 2**20
+  assert all(np.all((b >= 0) & (b < 10**8)) for b in batches)
