@@ -1,0 +1,278 @@
+"""An end-to-end DP-SGD trainer: plan, data, train step, budget.
+
+:class:`DPTrainer` runs the mechanism of a
+:class:`~jax_privacy.experimental.execution_plan.DpsgdExecutionPlanConfig`:
+it draws Poisson batches with the plan's sampler, pads them to one compiled
+physical size, accumulates clipped gradients over physical chunks when a
+batch is larger than that (for memory), adds the plan's noise once per
+logical batch, and applies any optax optimizer::
+
+    config = DpsgdExecutionPlanConfig(
+        iterations=500, num_examples=len(x), expected_batch_size=128,
+        epsilon=3.0, delta=1e-5, noise_seed=1)
+    trainer = DPTrainer(loss_fn=loss, config=config,
+                        optimizer=optax.adam(1e-3), sampling_seed=2)
+    state = trainer.init(params)
+    state = trainer.fit((x, y), state)
+    print(trainer.epsilon_spent(state))
+
+``loss_fn(params, example, key)`` is the loss of ONE example (every leaf of
+``example`` has a leading axis of size 1); ``key`` is a per-example PRNG key
+(for dropout, say), independent of the noise.
+
+Privacy:
+  The run is the plan's mechanism: Poisson sampling with ``q =
+  expected_batch_size / num_examples``, per-example clipping, one Gaussian
+  noise draw per step, under add/remove-one neighbours. Padding and
+  gradient accumulation change memory and speed, never the result. The
+  trainer stops after the plan's ``iterations`` steps, so a run never spends
+  more than the plan's epsilon; ``epsilon_spent`` counts the steps run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import numbers
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_privacy.experimental import execution_plan
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """Everything a run needs to continue.
+
+  Attributes:
+    params: the model parameters.
+    opt_state: state of ``optax.chain(noise, optimizer)``; the noise state
+      holds the noise key and step count.
+    step: number of training steps run (an int32 scalar).
+  """
+
+  params: PyTree
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgress:
+  """What callbacks receive.
+
+  Attributes:
+    step: steps run so far.
+    epsilon: epsilon spent by those steps (at the plan's delta).
+    state: the current train state.
+  """
+
+  step: int
+  epsilon: float
+  state: TrainState
+
+
+class Callback(Protocol):
+
+  def __call__(self, progress: TrainProgress) -> None:
+    ...
+
+
+class DPTrainer:
+  """DP-SGD training of one model under one execution plan.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, key) -> scalar`` for ONE example.
+    config: the mechanism (sampling, clipping, noise, accounting).
+    optimizer: any optax optimizer; it runs after the noise (post-processing).
+    sampling_seed: seed of the batch sampler (kept apart from the noise seed
+      of ``config`` and from ``example_key_seed``).
+    example_key_seed: seed of the per-example keys passed to ``loss_fn``.
+    physical_batch_size: the batch size the gradient is compiled for;
+      logical batches are padded to a multiple of it and processed in chunks
+      whose clipped sums are accumulated. Default: the expected batch size
+      rounded up to a multiple of 8.
+
+  Raises:
+    ValueError: on a bad ``physical_batch_size`` or seed.
+  """
+
+  def __init__(
+      self,
+      *,
+      loss_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array],
+      config: execution_plan.DpsgdExecutionPlanConfig,
+      optimizer: optax.GradientTransformation,
+      sampling_seed: int,
+      example_key_seed: int = 0,
+      physical_batch_size: int | None = None,
+  ):
+    for name, value in (
+        ('sampling_seed', sampling_seed),
+        ('example_key_seed', example_key_seed),
+    ):
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f'{name} must be an int, got {value!r}')
+    if physical_batch_size is None:
+      physical_batch_size = -(-config.expected_batch_size // 8) * 8
+    if (
+        isinstance(physical_batch_size, bool)
+        or not isinstance(physical_batch_size, numbers.Integral)
+        or physical_batch_size < 1
+    ):
+      raise ValueError(
+          'physical_batch_size must be None or an integer >= 1, got '
+          f'{physical_batch_size!r}'
+      )
+    self.config = config
+    self.plan = config.plan
+    self.physical_batch_size = int(physical_batch_size)
+    self._sampling_seed = int(sampling_seed)
+    self._example_key = jax.random.key(example_key_seed)
+    self._grad_fn = self.plan.clipped_grad(
+        loss_fn, batch_argnums=1, prng_argnum=2
+    )
+    self._transform = optax.chain(
+        self.plan.noise_addition_transform, optimizer
+    )
+    self._accumulate = jax.jit(self._accumulate_impl)
+    self._apply = jax.jit(self._apply_impl)
+    self.train_step = jax.jit(self._train_step_impl)
+
+  def init(self, params: PyTree) -> TrainState:
+    """The state before the first step."""
+    return TrainState(
+        params=params,
+        opt_state=self._transform.init(params),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+  def _accumulate_impl(self, params, total, batch, is_padding, key):
+    grads = self._grad_fn(params, batch, key, is_padding_example=is_padding)
+    return jax.tree_util.tree_map(jnp.add, total, grads)
+
+  def _apply_impl(self, state: TrainState, grads) -> TrainState:
+    updates, opt_state = self._transform.update(
+        grads, state.opt_state, state.params
+    )
+    return TrainState(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+
+  def _train_step_impl(self, state, batch, is_padding_example, key):
+    grads = self._grad_fn(
+        state.params, batch, key, is_padding_example=is_padding_example
+    )
+    return self._apply_impl(state, grads)
+
+  def epsilon_spent(self, state: TrainState) -> float:
+    """Epsilon spent by the steps ``state`` has run, at the plan's delta."""
+    return self.config.epsilon_after(int(state.step))
+
+  def _step_key(self, step: int) -> jax.Array:
+    return jax.random.fold_in(self._example_key, step)
+
+  def fit(
+      self,
+      dataset: PyTree,
+      state: TrainState,
+      *,
+      num_steps: int | None = None,
+      callbacks: Sequence[Callback] = (),
+      callback_every: int = 100,
+  ) -> TrainState:
+    """Trains on ``dataset`` from ``state`` until the plan's last step.
+
+    Args:
+      dataset: a pytree of arrays (NumPy or JAX) whose leaves share a leading
+        axis of ``config.num_examples`` examples.
+      state: from :meth:`init`, or a restored state: the run continues at
+        ``state.step`` with the batches and noise the uninterrupted run would
+        have used.
+      num_steps: run at most this many more steps (default: to the end of
+        the plan). Asking for more than the plan has left stops at the plan's
+        end, with a log message.
+      callbacks: called every ``callback_every`` steps and after the last.
+      callback_every: steps between callbacks, ``>= 1``.
+
+    Returns:
+      The final state.
+
+    Raises:
+      ValueError: if the dataset's size differs from the plan's
+        ``num_examples`` or a leaf lacks the example axis.
+    """
+    num_examples = self.config.num_examples
+    leaves = jax.tree_util.tree_leaves(dataset)
+    if not leaves or any(
+        np.ndim(leaf) == 0 or np.shape(leaf)[0] != num_examples
+        for leaf in leaves
+    ):
+      raise ValueError(
+          'dataset leaves must all have a leading axis of num_examples='
+          f'{num_examples}, got shapes '
+          f'{[np.shape(leaf) for leaf in leaves]}'
+      )
+    if isinstance(callback_every, bool) or not isinstance(
+        callback_every, numbers.Integral
+    ) or callback_every < 1:
+      raise ValueError(
+          f'callback_every must be an integer >= 1, got {callback_every!r}'
+      )
+    start = int(state.step)
+    remaining = self.config.iterations - start
+    if num_steps is not None and num_steps > remaining:
+      logging.warning(
+          'asked for %d more steps but the plan has %d left (of %d): the '
+          'run stops at the end of the plan, within its privacy budget',
+          num_steps, remaining, self.config.iterations,
+      )
+    end = start + (remaining if num_steps is None else min(num_steps, remaining))
+    host_data = jax.tree_util.tree_map(np.asarray, dataset)
+    batches = self.plan.batch_selection_strategy.batch_iterator(
+        num_examples, rng=np.random.default_rng(self._sampling_seed)
+    )
+    for step, indices in enumerate(batches):
+      if step < start:
+        continue  # The batches of steps already run, replayed and skipped.
+      if step >= end:
+        break
+      state = self._run_step(state, host_data, indices, step)
+      done = step + 1
+      if callbacks and (done % callback_every == 0 or done == end):
+        progress = TrainProgress(
+            step=done, epsilon=self.epsilon_spent(state), state=state
+        )
+        for callback in callbacks:
+          callback(progress)
+    return state
+
+  def _run_step(self, state, host_data, indices, step) -> TrainState:
+    size = self.physical_batch_size
+    num_chunks = max(1, -(-len(indices) // size))
+    padded = np.full(num_chunks * size, -1, np.int64)
+    padded[: len(indices)] = indices
+    total = jax.tree_util.tree_map(
+        lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+        state.params,
+    )
+    step_key = self._step_key(step)
+    for chunk in range(num_chunks):
+      chunk_indices = padded[chunk * size : (chunk + 1) * size]
+      is_padding = chunk_indices < 0
+      gather = np.where(is_padding, 0, chunk_indices)
+      batch = jax.tree_util.tree_map(lambda a: a[gather], host_data)
+      total = self._accumulate(
+          state.params,
+          total,
+          batch,
+          is_padding,
+          jax.random.fold_in(step_key, chunk),
+      )
+    return self._apply(state, total)
