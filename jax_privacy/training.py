@@ -186,6 +186,8 @@ class DPTrainer:
       num_steps: int | None = None,
       callbacks: Sequence[Callback] = (),
       callback_every: int = 100,
+      checkpoint_dir: str | None = None,
+      checkpoint_every: int = 100,
   ) -> TrainState:
     """Trains on ``dataset`` from ``state`` until the plan's last step.
 
@@ -200,6 +202,10 @@ class DPTrainer:
         end, with a log message.
       callbacks: called every ``callback_every`` steps and after the last.
       callback_every: steps between callbacks, ``>= 1``.
+      checkpoint_dir: if given, the state is saved there (with orbax) every
+        ``checkpoint_every`` steps and after the last; resume with
+        :meth:`restore`.
+      checkpoint_every: steps between checkpoints, ``>= 1``.
 
     Returns:
       The final state.
@@ -219,12 +225,16 @@ class DPTrainer:
           f'{num_examples}, got shapes '
           f'{[np.shape(leaf) for leaf in leaves]}'
       )
-    if isinstance(callback_every, bool) or not isinstance(
-        callback_every, numbers.Integral
-    ) or callback_every < 1:
-      raise ValueError(
-          f'callback_every must be an integer >= 1, got {callback_every!r}'
-      )
+    for name, value in (
+        ('callback_every', callback_every),
+        ('checkpoint_every', checkpoint_every),
+    ):
+      if (
+          isinstance(value, bool)
+          or not isinstance(value, numbers.Integral)
+          or value < 1
+      ):
+        raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
     start = int(state.step)
     remaining = self.config.iterations - start
     if num_steps is not None and num_steps > remaining:
@@ -245,6 +255,10 @@ class DPTrainer:
         break
       state = self._run_step(state, host_data, indices, step)
       done = step + 1
+      if checkpoint_dir is not None and (
+          done % checkpoint_every == 0 or done == end
+      ):
+        self.save(checkpoint_dir, state)
       if callbacks and (done % callback_every == 0 or done == end):
         progress = TrainProgress(
             step=done, epsilon=self.epsilon_spent(state), state=state
@@ -252,6 +266,76 @@ class DPTrainer:
         for callback in callbacks:
           callback(progress)
     return state
+
+  def _fingerprint(self) -> str:
+    """What a checkpoint must have been trained with to be resumed here."""
+    return repr(
+        (self.config, self._sampling_seed, self.physical_batch_size)
+    )
+
+  def save(self, directory: str, state: TrainState) -> None:
+    """Saves ``state`` under ``directory`` (orbax), keeping the last two.
+
+    The checkpoint holds the parameters, the optimizer and noise states
+    (noise key included), and the step; the sampler position and the
+    privacy spent follow from the step. It also records the plan, so that a
+    checkpoint is never resumed under a different mechanism.
+    """
+    ocp = _orbax()
+    step = int(state.step)
+    with ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    ) as manager:
+      manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(_unwrap_keys(state)),
+              meta=ocp.args.JsonSave({'fingerprint': self._fingerprint()}),
+          ),
+          force=True,
+      )
+      manager.wait_until_finished()
+
+  def restore(self, directory: str, params: PyTree) -> TrainState:
+    """The latest state saved under ``directory``, or ``init(params)``.
+
+    Args:
+      directory: where :meth:`fit` or :meth:`save` wrote checkpoints.
+      params: parameters with the model's structure (e.g. a fresh
+        initialisation); used as the template, and as the start when there
+        is no checkpoint.
+
+    Returns:
+      The restored state; ``fit`` continues it exactly where it stopped.
+      Steps that ran after the last checkpoint are re-run with the same
+      batches and the same noise, so they release nothing new and
+      ``epsilon_spent`` counts each step once.
+
+    Raises:
+      ValueError: if the checkpoint was written under a different plan,
+        sampling seed or physical batch size.
+    """
+    ocp = _orbax()
+    template = self.init(params)
+    with ocp.CheckpointManager(directory) as manager:
+      step = manager.latest_step()
+      if step is None:
+        return template
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(_unwrap_keys(template)),
+              meta=ocp.args.JsonRestore(),
+          ),
+      )
+    if restored['meta']['fingerprint'] != self._fingerprint():
+      raise ValueError(
+          f'the checkpoint in {directory} was written by a run with other '
+          'privacy or sampling settings; resuming it here would misreport '
+          'the privacy spent. Saved: '
+          f"{restored['meta']['fingerprint']}; here: {self._fingerprint()}"
+      )
+    return _rewrap_keys(restored['state'], template)
 
   def _run_step(self, state, host_data, indices, step) -> TrainState:
     size = self.physical_batch_size
@@ -276,3 +360,38 @@ class DPTrainer:
           jax.random.fold_in(step_key, chunk),
       )
     return self._apply(state, total)
+
+
+def _orbax():
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        'checkpointing needs orbax-checkpoint: pip install '
+        "'jax-privacy[checkpoint]'"
+    ) from e
+  return ocp
+
+
+def _is_key(leaf) -> bool:
+  return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+      leaf.dtype, jax.dtypes.prng_key
+  )
+
+
+def _unwrap_keys(tree):
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree
+  )
+
+
+def _rewrap_keys(tree, template):
+  return jax.tree_util.tree_map(
+      lambda leaf, like: (
+          jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like))
+          if _is_key(like)
+          else leaf
+      ),
+      tree,
+      template,
+  )

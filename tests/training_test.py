@@ -180,3 +180,58 @@ def test_bad_input():
 def test_plan_config_validation(kwargs, field):
   with pytest.raises(ValueError, match=field):
     _config(**kwargs)
+
+
+def test_checkpoint_resume_after_a_kill_is_bitwise_identical(tmp_path):
+  x, y = _data()
+  uninterrupted = _trainer()
+  full = uninterrupted.fit((x, y), uninterrupted.init(_params()))
+
+  class Killed(Exception):
+    pass
+
+  def kill_at_17(progress):
+    if progress.step == 17:
+      raise Killed
+
+  first = _trainer()
+  with pytest.raises(Killed):
+    first.fit(
+        (x, y), first.init(_params()), checkpoint_dir=str(tmp_path),
+        checkpoint_every=5, callbacks=[kill_at_17], callback_every=1,
+    )
+  second = _trainer()
+  restored = second.restore(str(tmp_path), _params())
+  assert int(restored.step) == 15  # steps 16 and 17 are re-run, identically
+  final = second.fit((x, y), restored, checkpoint_dir=str(tmp_path))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, full.params, final.params)
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal,
+      jax.tree_util.tree_map(
+          lambda l: jax.random.key_data(l) if training._is_key(l) else l,
+          full.opt_state,
+      ),
+      jax.tree_util.tree_map(
+          lambda l: jax.random.key_data(l) if training._is_key(l) else l,
+          final.opt_state,
+      ),
+  )
+  assert second.epsilon_spent(final) == uninterrupted.epsilon_spent(full)
+  assert int(second.restore(str(tmp_path), _params()).step) == 30
+
+
+def test_restore_without_checkpoint_starts_fresh(tmp_path):
+  trainer = _trainer()
+  state = trainer.restore(str(tmp_path / 'none'), _params())
+  assert int(state.step) == 0
+
+
+def test_restore_refuses_a_checkpoint_of_another_plan(tmp_path):
+  x, y = _data()
+  trainer = _trainer()
+  trainer.fit(
+      (x, y), trainer.init(_params()), num_steps=2, checkpoint_dir=str(tmp_path)
+  )
+  other = _trainer(_config(noise_multiplier=2.0))
+  with pytest.raises(ValueError, match='privacy'):
+    other.restore(str(tmp_path), _params())
