@@ -235,6 +235,8 @@ class DPTrainer:
           or value < 1
       ):
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    if checkpoint_dir is not None:
+      self._check_checkpoints_are_ours(checkpoint_dir)
     start = int(state.step)
     remaining = self.config.iterations - start
     if num_steps is not None and num_steps > remaining:
@@ -272,6 +274,24 @@ class DPTrainer:
     return repr(
         (self.config, self._sampling_seed, self.physical_batch_size)
     )
+
+  def _check_checkpoints_are_ours(self, directory: str) -> None:
+    """Refuses a directory holding another run's checkpoints (before any
+    step, so that nothing of theirs is overwritten or pruned)."""
+    ocp = _orbax()
+    with ocp.CheckpointManager(directory) as manager:
+      step = manager.latest_step()
+      if step is None:
+        return
+      meta = manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      )['meta']
+    if meta['fingerprint'] != self._fingerprint():
+      raise ValueError(
+          f'{directory} holds checkpoints of a run with other privacy or '
+          'sampling settings; use another checkpoint_dir. Saved: '
+          f"{meta['fingerprint']}; here: {self._fingerprint()}"
+      )
 
   def save(self, directory: str, state: TrainState) -> None:
     """Saves ``state`` under ``directory`` (orbax), keeping the last two.

@@ -235,3 +235,17 @@ def test_restore_refuses_a_checkpoint_of_another_plan(tmp_path):
   other = _trainer(_config(noise_multiplier=2.0))
   with pytest.raises(ValueError, match='privacy'):
     other.restore(str(tmp_path), _params())
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(ValueError, match='privacy'):
+    other.fit((x, y), other.init(_params()), checkpoint_dir=str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_variable_poisson_batches_compile_once():
+  x, y = _data()
+  trainer = _trainer(physical_batch_size=16)
+  state = trainer.fit((x, y), trainer.init(_params()))
+  assert int(state.step) == 30
+  # Batch sizes vary around 40 (2-4 chunks of 16): one compiled shape each.
+  assert trainer._accumulate._cache_size() == 1
+  assert trainer._apply._cache_size() == 1
