@@ -7,6 +7,8 @@ The building blocks of a DP training run, one submodule each:
 * ``noise_addition``: Gaussian noise as an ``optax.GradientTransformation``.
 * ``accounting``: (epsilon, delta) of a run and calibration of its settings.
 * ``dp_sgd``: the gradient-computer API of the "JAX & Flax" guide.
+* ``auditing``: empirical privacy: canaries, membership inference, epsilon
+  lower bounds.
 
 ``keras_api`` is not imported here so that Keras stays an optional dependency.
 """
@@ -14,6 +16,7 @@ The building blocks of a DP training run, one submodule each:
 __version__ = "0.1.0"
 
 from jax_privacy import accounting
+from jax_privacy import auditing
 from jax_privacy import batch_selection
 from jax_privacy import clipping
 from jax_privacy import experimental
@@ -22,6 +25,7 @@ from jax_privacy.clipping import clipped_grad
 
 __all__ = [
     "accounting",
+    "auditing",
     "batch_selection",
     "clipping",
     "clipped_grad",
