@@ -96,6 +96,12 @@ class DPTrainer:
       logical batches are padded to a multiple of it and processed in chunks
       whose clipped sums are accumulated. Default: the expected batch size
       rounded up to a multiple of 8.
+    extra_gradients_fn: (for auditing) ``fn(step)`` returns a pytree added
+      to that step's sum of clipped gradients before it is normalised and
+      noised, or None. Use it to insert canaries
+      (``auditing.canaries.canary_gradient_sum``): each canary must have
+      norm at most the clip norm and take part in steps like an example of
+      the data set, or the accounting does not cover it.
 
   Raises:
     ValueError: on a bad ``physical_batch_size`` or seed.
@@ -110,6 +116,7 @@ class DPTrainer:
       sampling_seed: int,
       example_key_seed: int = 0,
       physical_batch_size: int | None = None,
+      extra_gradients_fn: Callable[[int], PyTree | None] | None = None,
   ):
     for name, value in (
         ('sampling_seed', sampling_seed),
@@ -132,6 +139,7 @@ class DPTrainer:
     self.plan = config.plan
     self.physical_batch_size = int(physical_batch_size)
     self._sampling_seed = int(sampling_seed)
+    self._extra_gradients_fn = extra_gradients_fn
     self._example_key = jax.random.key(example_key_seed)
     self._grad_fn = self.plan.clipped_grad(
         loss_fn, batch_argnums=1, prng_argnum=2
@@ -141,6 +149,11 @@ class DPTrainer:
     )
     self._accumulate = jax.jit(self._accumulate_impl)
     self._apply = jax.jit(self._apply_impl)
+    self._add_scaled = jax.jit(
+        lambda total, extra: jax.tree_util.tree_map(
+            lambda t, e: t + e / config.expected_batch_size, total, extra
+        )
+    )
     self.train_step = jax.jit(self._train_step_impl)
 
   def init(self, params: PyTree) -> TrainState:
@@ -379,6 +392,10 @@ class DPTrainer:
           is_padding,
           jax.random.fold_in(step_key, chunk),
       )
+    if self._extra_gradients_fn is not None:
+      extra = self._extra_gradients_fn(step)
+      if extra is not None:
+        total = self._add_scaled(total, extra)
     return self._apply(state, total)
 
 

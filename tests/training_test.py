@@ -249,3 +249,25 @@ def test_variable_poisson_batches_compile_once():
   # Batch sizes vary around 40 (2-4 chunks of 16): one compiled shape each.
   assert trainer._accumulate._cache_size() == 1
   assert trainer._apply._cache_size() == 1
+
+
+def test_extra_gradients_enter_before_normalisation_and_noise():
+  """A canary sum c at step 0 moves the parameters by -lr * c / B."""
+  x, y = _data()
+  config = _config(iterations=1, noise_multiplier=0.0)
+  canary = {'w': jnp.arange(5.0), 'b': jnp.array(2.0)}
+  plain = _trainer(config).fit((x, y), _trainer(config).init(_params()))
+  with_canary_trainer = _trainer(
+      config, extra_gradients_fn=lambda step: canary if step == 0 else None
+  )
+  with_canary = with_canary_trainer.fit(
+      (x, y), with_canary_trainer.init(_params())
+  )
+  jax.tree_util.tree_map(
+      lambda a, b, c: np.testing.assert_allclose(
+          a - b, -0.5 * c / 40, rtol=1e-5, atol=1e-7
+      ),
+      with_canary.params,
+      plain.params,
+      canary,
+  )
