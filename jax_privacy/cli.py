@@ -1,8 +1,11 @@
 """The `jax-privacy` command line.
 
 Commands:
-  train   Train a small classifier with DP-SGD on scikit-learn's digits and
-          report its accuracy and the privacy it spent.
+  train      Train a small classifier with DP-SGD on scikit-learn's digits
+             and report its accuracy and the privacy it spent.
+  epsilon    Epsilon of a DP-SGD run (RDP and PLD) as a privacy statement.
+  calibrate  The noise multiplier, steps or batch size meeting a target.
+  audit      Empirical privacy: an epsilon lower bound next to the proven one.
 
 Run `jax-privacy COMMAND --help` for a command's options. Bad options exit
 with status 2 and a message naming the option and its accepted range, before
@@ -17,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Callable, Optional, TextIO
 
+from jax_privacy import _cli_accounting
+from jax_privacy import _cli_audit
 from jax_privacy import _digits_demo
 
 _DEFAULTS = _digits_demo.TrainSettings()
@@ -135,6 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
       title='commands', metavar='COMMAND', required=True
   )
   _add_train_command(commands)
+  _cli_accounting.add_parsers(commands)
+  _cli_audit.add_parsers(commands)
   return parser
 
 

@@ -13,15 +13,19 @@ importable from here (`accounting.dpsgd_event(...)`).
 from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 from jax_privacy.accounting import calibrate
+from jax_privacy.experimental.accounting import amplified_bandmf_event
 from jax_privacy.experimental.accounting import dpsgd_event
 from jax_privacy.experimental.accounting import fixed_dpsgd_event
+from jax_privacy.experimental.accounting import truncated_amplified_bandmf_event
 from jax_privacy.experimental.accounting import truncated_dpsgd_event
 
 __all__ = [
     'accountants',
+    'amplified_bandmf_event',
     'analysis',
     'calibrate',
     'dpsgd_event',
     'fixed_dpsgd_event',
+    'truncated_amplified_bandmf_event',
     'truncated_dpsgd_event',
 ]

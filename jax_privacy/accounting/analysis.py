@@ -18,6 +18,17 @@ step is 0 and whose start steps increase strictly; the value of a piece holds
 from its start step until the next piece starts (the last piece holds
 forever). Steps are counted from 0.
 
+Accountants:
+
+* `DpsgdTrainingAccountant`: example-level DP-SGD with Poisson, cyclic
+  Poisson, truncated Poisson, fixed-size or shuffled batches.
+* `DpsgdTrainingUserLevelAccountant`: user-level DP of example-level DP-SGD
+  when a user owns up to `examples_per_user` examples.
+* `SingleReleaseTrainingAccountant`: the whole run is one Gaussian release
+  (e.g. DP-FTRL / matrix factorization without amplification).
+* `CachedExperimentAccountant`: a cache of epsilon against steps for fast,
+  pessimistic look-ups during training.
+
 References:
   Abadi et al., "Deep Learning with Differential Privacy", 2016.
   arXiv:1607.00133.
@@ -26,319 +37,40 @@ References:
 """
 
 import abc
-import dataclasses
-import enum
+import copy
+import logging
 import math
-import numbers
-from collections.abc import Mapping, Sequence
-from typing import Optional, Protocol, Union, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import dp_accounting
 import numpy as np
+from scipy import stats
 
 from jax_privacy.accounting import accountants
+from jax_privacy.accounting._cached import CachedExperimentAccountant
+from jax_privacy.accounting._params import DpParams
+from jax_privacy.accounting._params import SamplingMethod
+from jax_privacy.accounting._params import Schedule
+from jax_privacy.accounting._params import _check_num_updates
+from jax_privacy.accounting._params import _compose
+from jax_privacy.accounting._params import _pieces
+from jax_privacy.accounting._params import _segments
 from jax_privacy.experimental import accounting as dp_events
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 
-Schedule = Union[float, Sequence[tuple[int, float]], Mapping[int, float]]
-"""A number, or pieces `[(start_step, value), ...]` starting at step 0."""
-
-
-class SamplingMethod(enum.Enum):
-  """How the examples of each batch are drawn.
-
-  Attributes:
-    POISSON: Every example joins each batch independently with probability
-      batch_size / num_samples; the batch size is random. Accounted for under
-      add-or-remove-one neighbours.
-    FIXED_BATCH_SIZE: Each batch is exactly batch_size examples drawn
-      uniformly without replacement. Accounted for under replace-one
-      neighbours, with the RDP accountant only.
-  """
-
-  POISSON = 'poisson'
-  FIXED_BATCH_SIZE = 'fixed_batch_size'
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _as_count(name: str, value, minimum: int) -> int:
-  """Returns `value` as an int, accepting integral floats such as 256.0."""
-  if _is_real(value) and math.isfinite(value) and float(value).is_integer():
-    if value >= minimum:
-      return int(value)
-  raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
-
-
-def _as_noise(name: str, value) -> float:
-  if not (_is_real(value) and math.isfinite(value) and value >= 0):
-    raise ValueError(f'{name} must be finite and >= 0, got {value!r}.')
-  return float(value)
-
-
-def _as_batch_size(name: str, value) -> int:
-  return _as_count(name, value, 1)
-
-
-def _as_scale(name: str, value) -> float:
-  if not (_is_real(value) and math.isfinite(value) and value > 0):
-    raise ValueError(f'{name} must be finite and > 0, got {value!r}.')
-  return float(value)
-
-
-def _normalize_schedule(name: str, schedule, as_value):
-  """Validates a number or a piecewise schedule; returns it immutable."""
-  if hasattr(schedule, 'shape'):  # A NumPy or JAX scalar or array.
-    schedule = np.asarray(schedule).tolist()
-  if _is_real(schedule):
-    return as_value(name, schedule)
-  if isinstance(schedule, Mapping):
-    schedule = sorted(schedule.items())
-  if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
-    raise ValueError(
-        f'{name} must be a number or a schedule [(start_step, value), ...],'
-        f' got {schedule!r}.'
-    )
-  if not schedule:
-    raise ValueError(f'{name} schedule must not be empty.')
-  pieces = []
-  for piece in schedule:
-    if not (isinstance(piece, Sequence) and len(piece) == 2):
-      raise ValueError(
-          f'{name} schedule entries must be (start_step, value) pairs, got'
-          f' {piece!r}.'
-      )
-    start = _as_count(f'{name} start_step', piece[0], 0)
-    if not pieces and start != 0:
-      raise ValueError(
-          f'{name} schedule must start at step 0, got first start_step'
-          f' {start}.'
-      )
-    if pieces and start <= pieces[-1][0]:
-      raise ValueError(
-          f'{name} schedule start steps must increase strictly, got {start}'
-          f' after {pieces[-1][0]}.'
-      )
-    pieces.append((start, as_value(name, piece[1])))
-  return tuple(pieces)
-
-
-def _pieces(schedule) -> tuple[tuple[int, float], ...]:
-  return schedule if isinstance(schedule, tuple) else ((0, schedule),)
-
-
-def _merge(*schedules) -> list[tuple[int, tuple[float, ...]]]:
-  """Merges schedules into pieces `(start_step, (value_1, value_2, ...))`."""
-  all_pieces = [_pieces(s) for s in schedules]
-  starts = sorted({start for pieces in all_pieces for start, _ in pieces})
-  merged = []
-  for step in starts:
-    values = tuple(
-        [v for start, v in pieces if start <= step][-1] for pieces in all_pieces
-    )
-    merged.append((step, values))
-  return merged
-
-
-@dataclasses.dataclass(frozen=True)
-class DpParams:
-  """The privacy-relevant settings of a training run.
-
-  Validated on construction: a bad value raises `ValueError` naming the field
-  and the accepted range. Schedules are stored as tuples of pairs.
-
-  Attributes:
-    noise_multipliers: Standard deviation of the Gaussian noise over the clip
-      norm (stddev = noise_multiplier * l2_clip_norm), finite and >= 0: a
-      number or a schedule.
-    num_samples: Number of examples in the data set, an integer >= 1.
-    delta: Target delta of the (epsilon, delta) guarantee, in (0, 1).
-    batch_size: Batch size for the whole run (the expected batch size with
-      Poisson sampling), an integer in [1, num_samples]. Give this or
-      `batch_sizes`, not both.
-    batch_size_scale_schedule: Optional multipliers of the batch size, > 0:
-      a number or a schedule. The batch size at step t is
-      batch_size(t) * scale(t), which must stay <= num_samples (and be a
-      whole number with FIXED_BATCH_SIZE sampling).
-    is_finite_guarantee: Whether the run promises a finite epsilon. If True
-      (the default), a noise multiplier of 0 anywhere in the schedule is
-      rejected here, since it releases gradients without protection. Set it
-      to False to account for runs with noiseless steps; their epsilon is
-      then `inf`.
-    batch_sizes: Batch sizes as a number or a schedule, values in
-      [1, num_samples]. Give this or `batch_size`, not both.
-    examples_per_user: Largest number of examples one user contributes, for
-      user-level accounting; an integer >= 1 or None.
-    cycle_length: Number of disjoint groups the data is split into for cyclic
-      Poisson sampling; an integer >= 1 or None (1 and None are plain
-      Poisson sampling).
-    sampling_method: How batches are drawn, a `SamplingMethod`.
-    truncated_batch_size: Largest batch kept when Poisson batches are
-      truncated; an integer >= 1 or None (no truncation).
-  """
-
-  noise_multipliers: Schedule
-  num_samples: int
-  delta: float
-  batch_size: Optional[int] = None
-  batch_size_scale_schedule: Optional[Schedule] = None
-  is_finite_guarantee: bool = True
-  batch_sizes: Optional[Schedule] = None
-  examples_per_user: Optional[int] = None
-  cycle_length: Optional[int] = None
-  sampling_method: SamplingMethod = SamplingMethod.POISSON
-  truncated_batch_size: Optional[int] = None
-
-  def __post_init__(self):
-    set_field = lambda name, value: object.__setattr__(self, name, value)
-    set_field('num_samples', _as_count('num_samples', self.num_samples, 1))
-    if not (_is_real(self.delta) and 0 < self.delta < 1):
-      raise ValueError(f'delta must be in (0, 1), got {self.delta!r}.')
-    set_field('delta', float(self.delta))
-    set_field(
-        'noise_multipliers',
-        _normalize_schedule(
-            'noise_multipliers', self.noise_multipliers, _as_noise
-        ),
-    )
-    if not isinstance(self.is_finite_guarantee, bool):
-      raise ValueError(
-          'is_finite_guarantee must be True or False, got'
-          f' {self.is_finite_guarantee!r}.'
-      )
-    if self.is_finite_guarantee and any(
-        sigma == 0 for _, sigma in _pieces(self.noise_multipliers)
-    ):
-      raise ValueError(
-          'noise_multipliers must be > 0 when is_finite_guarantee=True, got'
-          f' {self.noise_multipliers!r}: a step without noise has no finite'
-          ' epsilon. Pass is_finite_guarantee=False to account for it'
-          ' (epsilon is then inf).'
-      )
-    for name in ('batch_size', 'batch_sizes'):
-      if getattr(self, name) is not None:
-        set_field(
-            name,
-            _normalize_schedule(name, getattr(self, name), _as_batch_size),
-        )
-    if isinstance(self.batch_size, tuple):
-      raise ValueError(
-          'batch_size must be a single integer; give a schedule as'
-          f' batch_sizes, got batch_size={self.batch_size!r}.'
-      )
-    if self.batch_size is not None and self.batch_sizes is not None:
-      raise ValueError(
-          'Give batch_size or batch_sizes, not both; got'
-          f' batch_size={self.batch_size!r},'
-          f' batch_sizes={self.batch_sizes!r}.'
-      )
-    if self.batch_size_scale_schedule is not None:
-      set_field(
-          'batch_size_scale_schedule',
-          _normalize_schedule(
-              'batch_size_scale_schedule',
-              self.batch_size_scale_schedule,
-              _as_scale,
-          ),
-      )
-    for name in ('examples_per_user', 'cycle_length', 'truncated_batch_size'):
-      if getattr(self, name) is not None:
-        set_field(name, _as_count(name, getattr(self, name), 1))
-    if not isinstance(self.sampling_method, SamplingMethod):
-      raise ValueError(
-          'sampling_method must be a SamplingMethod, one of'
-          f' {[m.name for m in SamplingMethod]}, got {self.sampling_method!r}.'
-      )
-    self._check_batch_sizes()
-
-  def _check_batch_sizes(self) -> None:
-    """Checks that every effective batch size fits in the data set."""
-    if self.batch_schedule() is None:
-      if self.batch_size_scale_schedule is not None:
-        raise ValueError(
-            'batch_size_scale_schedule needs batch_size or batch_sizes.'
-        )
-      return
-    name = 'batch_sizes' if self.batch_sizes is not None else 'batch_size'
-    if self.batch_size_scale_schedule is not None:
-      name += ' * batch_size_scale_schedule'
-    fixed = self.sampling_method is SamplingMethod.FIXED_BATCH_SIZE
-    for step, (_, batch_size) in self.schedule_pieces():
-      if batch_size > self.num_samples:
-        raise ValueError(
-            f'{name} must be in [1, num_samples={self.num_samples}] at every'
-            f' step, got {batch_size:g} at step {step}.'
-        )
-      if fixed and not float(batch_size).is_integer():
-        raise ValueError(
-            f'{name} must be a whole number of examples with'
-            f' sampling_method=FIXED_BATCH_SIZE, got {batch_size:g} at step'
-            f' {step}.'
-        )
-
-  def batch_schedule(self) -> Optional[Schedule]:
-    """Returns `batch_sizes` or `batch_size`, whichever was given."""
-    return self.batch_sizes if self.batch_sizes is not None else self.batch_size
-
-  def schedule_pieces(self) -> list[tuple[int, tuple[float, float]]]:
-    """Returns the run as pieces `(start_step, (noise, batch_size))`.
-
-    The batch size includes `batch_size_scale_schedule`. Consecutive pieces
-    with the same values are merged.
-
-    Raises:
-      ValueError: If neither batch_size nor batch_sizes was given.
-    """
-    base = self.batch_schedule()
-    if base is None:
-      raise ValueError(
-          'This accountant needs batch sizes: give batch_size or batch_sizes.'
-      )
-    scale = self.batch_size_scale_schedule
-    scale = 1.0 if scale is None else scale
-    pieces = []
-    for step, (noise, batch, factor) in _merge(
-        self.noise_multipliers, base, scale
-    ):
-      values = (noise, batch * factor)
-      if not pieces or pieces[-1][1] != values:
-        pieces.append((step, values))
-    return pieces
-
-
-def _segments(
-    dp_params: DpParams, num_updates: int
-) -> list[tuple[int, float, float]]:
-  """Returns `(num_steps, noise, batch_size)` for the first num_updates."""
-  pieces = [p for p in dp_params.schedule_pieces() if p[0] < num_updates]
-  ends = [start for start, _ in pieces[1:]] + [num_updates]
-  return [
-      (end - start, noise, batch)
-      for (start, (noise, batch)), end in zip(pieces, ends)
-  ]
-
-
-def _compose(events: list[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
-  if not events:
-    return dp_accounting.NoOpDpEvent()
-  if len(events) == 1:
-    return events[0]
-  return dp_accounting.ComposedDpEvent(events)
-
-
-def _check_num_updates(num_updates) -> int:
-  if isinstance(num_updates, bool) or not isinstance(
-      num_updates, numbers.Integral
-  ):
-    raise ValueError(
-        f'num_updates must be an integer >= 0, got {num_updates!r}.'
-    )
-  if num_updates < 0:
-    raise ValueError(f'num_updates must be an integer >= 0, got {num_updates}.')
-  return int(num_updates)
+__all__ = [
+    'CachedExperimentAccountant',
+    'DpParams',
+    'DpTrainingAccountant',
+    'DpsgdTrainingAccountant',
+    'DpsgdTrainingUserLevelAccountant',
+    'NeighboringRelation',
+    'SamplingMethod',
+    'Schedule',
+    'SingleReleaseTrainingAccountant',
+    'TrainingAccountant',
+]
 
 
 @runtime_checkable
@@ -379,6 +111,18 @@ class DpTrainingAccountant(abc.ABC):
   def dp_accountant_config(self) -> accountants.DpAccountantConfig:
     return self._dp_accountant_config
 
+  def with_dp_accountant_config(
+      self, dp_accountant_config: accountants.DpAccountantConfig
+  ) -> 'DpTrainingAccountant':
+    """Returns the same accountant with other accounting mathematics.
+
+    Calibration uses this to bracket its answer with a fast, coarse
+    accountant before it checks the answer with the exact one.
+    """
+    clone = copy.copy(self)
+    clone._dp_accountant_config = dp_accountant_config
+    return clone
+
   @property
   @abc.abstractmethod
   def can_calibrate_steps(self) -> bool:
@@ -398,6 +142,17 @@ class DpTrainingAccountant(abc.ABC):
     """Returns the neighbouring relation the guarantee is stated for."""
     del dp_params  # The same relation for every setting, unless overridden.
     return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+  def _accounting_relation(self, dp_params: DpParams) -> NeighboringRelation:
+    """The relation handed to dp_accounting for the event of `dp_event`.
+
+    Usually `neighboring_relation`. It differs when the event already
+    carries the relation's sensitivity: dp_accounting's accountants disagree
+    on what a bare `GaussianDpEvent` means under REPLACE_ONE (RDP:
+    sensitivity 1; PLD: sensitivity 2), so such events are stated with the
+    sensitivity built in and composed as ADD_OR_REMOVE_ONE.
+    """
+    return self.neighboring_relation(dp_params)
 
   @abc.abstractmethod
   def _compute_dp_event(
@@ -447,8 +202,12 @@ class DpTrainingAccountant(abc.ABC):
         cannot compose this mechanism.
     """
     del allow_approximate_cache  # Always exact.
-    event = self.dp_event(num_updates, dp_params)
-    relation = self.neighboring_relation(dp_params)
+    return self._epsilon_of(self.dp_event(num_updates, dp_params), dp_params)
+
+  def _epsilon_of(
+      self, event: dp_accounting.DpEvent, dp_params: DpParams
+  ) -> float:
+    relation = self._accounting_relation(dp_params)
     accountant = self._dp_accountant_config.create_accountant(relation)
     if not accountant.supports(event):
       raise ValueError(
@@ -459,32 +218,94 @@ class DpTrainingAccountant(abc.ABC):
     return float(accountant.compose(event).get_epsilon(dp_params.delta))
 
 
+def _cyclic_sampling_prob(
+    dp_params: DpParams, batch_size: float, cycle_length: int
+) -> float:
+  """The probability that a step samples a given example of its group."""
+  sampling_prob = batch_size * cycle_length / dp_params.num_samples
+  if sampling_prob > 1:
+    raise ValueError(
+        'batch_size * cycle_length must be <= num_samples (each of the'
+        f' cycle_length={cycle_length} groups of about'
+        f' {dp_params.num_samples / cycle_length:g} examples is Poisson'
+        f' sampled), got batch size {batch_size:g}.'
+    )
+  return sampling_prob
+
+
+def _participations(num_steps: int, cycle_length: int) -> int:
+  """Most steps of a piece that sample one group of a cyclic partition."""
+  return -(-num_steps // cycle_length)
+
+
+def _reject(accountant, dp_params: DpParams, reasons: dict[str, str]) -> None:
+  for name, reason in reasons.items():
+    value = getattr(dp_params, name)
+    if value is not None and not (name == 'cycle_length' and value == 1):
+      raise ValueError(
+          f'{type(accountant).__name__} does not support {name} with'
+          f' sampling_method={dp_params.sampling_method.name}, got'
+          f' {name}={value!r}: {reason}'
+      )
+
+
+def _require_pld(accountant, what: str) -> None:
+  if not isinstance(accountant.dp_accountant_config,
+                    accountants.PldAccountantConfig):
+    raise ValueError(
+        f'{what} needs PldAccountantConfig, got'
+        f' {type(accountant.dp_accountant_config).__name__}: dp_accounting\'s'
+        ' RDP accountant does not support this mechanism.'
+    )
+
+
 class DpsgdTrainingAccountant(DpTrainingAccountant):
   """Example-level accountant of DP-SGD.
 
   Each step samples a batch, sums the gradients of its examples clipped to
-  norm C, and adds Gaussian noise of stddev noise_multiplier * C. With
-  POISSON sampling, step t includes each example independently with
-  probability q_t = batch_size(t) / num_samples, and the run is the
-  composition, piece by piece of the schedules, of
-  `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)),
-  steps)`. With FIXED_BATCH_SIZE sampling each batch has exactly
-  batch_size(t) examples drawn without replacement (see
-  `experimental.accounting.fixed_dpsgd_event`).
+  norm C, and adds Gaussian noise of stddev noise_multiplier * C. The run is
+  composed piece by piece of the schedules:
+
+  * POISSON: step t includes each example independently with probability
+    q_t = batch_size(t) / num_samples:
+    `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)),
+    steps)`.
+  * POISSON with `cycle_length` k > 1 (cyclic Poisson sampling, as
+    `batch_selection.CyclicPoissonSampling` draws it): the data is split into
+    k groups and step t samples group t mod k with probability
+    q = batch_size * k / num_samples. An example is exposed only in the steps
+    of its group, at most ceil(steps / k) of each piece; k with q = 1 is
+    fixed-order epochs (each epoch one unamplified Gaussian release).
+  * POISSON with `truncated_batch_size`: batches larger than it keep a
+    uniformly random subset (`experimental.accounting.
+    truncated_dpsgd_event`, PLD only). With cycle_length the data set of a
+    step is one group; when groups differ in size the larger epsilon of the
+    two sizes is reported (the truncated analysis is not monotone in it).
+  * FIXED_BATCH_SIZE: each batch is exactly batch_size(t) examples drawn
+    without replacement (`fixed_dpsgd_event`, replace-one, RDP only).
+  * SHUFFLED: shuffled fixed-size batches, an example in at most one batch
+    per epoch of floor(num_samples / batch_size) steps, accounted for
+    without amplification (proven): each epoch touched is one Gaussian
+    release of sensitivity 2C under replace-one neighbours, at the smallest
+    noise multiplier of that epoch. The batch size must be constant.
+  * SHUFFLED_POISSON_HEURISTIC: shuffled batches accounted for as Poisson;
+    a heuristic, not a proven bound (a warning is logged).
 
   Privacy:
-    POISSON: add-or-remove-one neighbours; the batches must really be
-    Poisson samples (random size), as `batch_selection.CyclicPoissonSampling`
-    with cycle_length=1 draws them. FIXED_BATCH_SIZE: replace-one neighbours,
-    RDP accounting only (dp_accounting's PLD accountant does not support
-    sampling without replacement). Cyclic, truncated and user-level settings
-    (`cycle_length` > 1, `truncated_batch_size`, `examples_per_user`) are
-    rejected rather than silently accounted as plain Poisson sampling.
+    Example-level. POISSON: add-or-remove-one neighbours; the batches must
+    really be Poisson samples (random size). FIXED_BATCH_SIZE and SHUFFLED:
+    replace-one neighbours. `examples_per_user` is rejected: the guarantee
+    here protects one example, for users use
+    `DpsgdTrainingUserLevelAccountant`.
 
   References:
     Abadi et al., 2016. arXiv:1607.00133.
     Mironov, Talwar, Zhang, 2019. arXiv:1908.10530.
     Wang, Balle, Kasiviswanathan, 2019. arXiv:1808.00087.
+    Choquette-Choo et al., "(Amplified) Banded Matrix Factorization", 2023.
+    arXiv:2306.08153 (cyclic Poisson sampling).
+    Chua et al., "How Private are DP-SGD Implementations?", 2024.
+    arXiv:2403.17673 (shuffling versus Poisson sampling).
   """
 
   @property
@@ -500,51 +321,268 @@ class DpsgdTrainingAccountant(DpTrainingAccountant):
     return True
 
   def neighboring_relation(self, dp_params: DpParams) -> NeighboringRelation:
-    if dp_params.sampling_method is SamplingMethod.FIXED_BATCH_SIZE:
+    if dp_params.sampling_method in (
+        SamplingMethod.FIXED_BATCH_SIZE, SamplingMethod.SHUFFLED
+    ):
       return NeighboringRelation.REPLACE_ONE
     return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+  def _accounting_relation(self, dp_params: DpParams) -> NeighboringRelation:
+    if dp_params.sampling_method is SamplingMethod.SHUFFLED:
+      # The event is GaussianDpEvent(sigma / 2): replace-one's sensitivity 2C
+      # is built in (see the base class).
+      return NeighboringRelation.ADD_OR_REMOVE_ONE
+    return self.neighboring_relation(dp_params)
 
   def _compute_dp_event(
       self, num_updates: int, dp_params: DpParams
   ) -> dp_accounting.DpEvent:
-    unsupported = {
-        'examples_per_user': dp_params.examples_per_user is not None,
-        'cycle_length': (dp_params.cycle_length or 1) > 1,
-        'truncated_batch_size': dp_params.truncated_batch_size is not None,
-    }
-    for name, is_set in unsupported.items():
-      if is_set:
-        raise ValueError(
-            f'DpsgdTrainingAccountant does not support {name} yet, got'
-            f' {name}={getattr(dp_params, name)!r}; leave it None to account'
-            ' for plain (non-cyclic, untruncated, example-level) sampling.'
-        )
-    fixed = dp_params.sampling_method is SamplingMethod.FIXED_BATCH_SIZE
-    if fixed and not isinstance(
-        self.dp_accountant_config, accountants.RdpAccountantConfig
-    ):
+    if dp_params.examples_per_user is not None:
+      raise ValueError(
+          'DpsgdTrainingAccountant is example-level and does not support'
+          f' examples_per_user, got {dp_params.examples_per_user!r}; use'
+          ' DpsgdTrainingUserLevelAccountant for a user-level guarantee.'
+      )
+    method = dp_params.sampling_method
+    if method is SamplingMethod.POISSON:
+      return self._poisson_event(num_updates, dp_params)
+    not_with = 'it applies to Poisson sampling only.'
+    _reject(self, dp_params, {
+        'cycle_length': not_with, 'truncated_batch_size': not_with})
+    if method is SamplingMethod.SHUFFLED_POISSON_HEURISTIC:
+      logging.warning(
+          'Accounting for shuffled batches as if they were Poisson samples:'
+          ' a HEURISTIC, not a proven guarantee (arXiv:2403.17673).'
+      )
+      return self._poisson_event(num_updates, dp_params)
+    if method is SamplingMethod.SHUFFLED:
+      return _shuffled_event(num_updates, dp_params)
+    if not isinstance(self.dp_accountant_config,
+                      accountants.RdpAccountantConfig):
       raise ValueError(
           'sampling_method=FIXED_BATCH_SIZE needs RdpAccountantConfig, got'
           f' {type(self.dp_accountant_config).__name__}: dp_accounting\'s'
           ' PLD accountant does not support sampling without replacement.'
       )
+    return _compose([
+        dp_events.fixed_dpsgd_event(
+            noise,
+            num_steps,
+            dataset_size=dp_params.num_samples,
+            batch_size=int(batch_size),
+        )
+        for num_steps, noise, batch_size in _segments(dp_params, num_updates)
+    ])
+
+  def compute_epsilon(
+      self,
+      num_updates: int,
+      dp_params: DpParams,
+      allow_approximate_cache: bool = False,
+  ) -> float:
+    epsilon = super().compute_epsilon(
+        num_updates, dp_params, allow_approximate_cache)
+    cycle_length = dp_params.cycle_length or 1
+    if (
+        dp_params.truncated_batch_size is not None
+        and dp_params.num_samples % cycle_length
+    ):
+      # Groups of an uneven split differ by one example, and the truncated
+      # analysis is not monotone in the data set size: take the worse group.
+      smaller = self._poisson_event(
+          num_updates, dp_params,
+          group_size=dp_params.num_samples // cycle_length)
+      epsilon = max(epsilon, self._epsilon_of(smaller, dp_params))
+    return epsilon
+
+  def _poisson_event(
+      self, num_updates: int, dp_params: DpParams,
+      group_size: Optional[int] = None,
+  ):
+    cycle_length = dp_params.cycle_length or 1
+    if group_size is None:
+      group_size = -(-dp_params.num_samples // cycle_length)
+    truncated = dp_params.truncated_batch_size
+    if truncated is not None:
+      _require_pld(self, 'truncated_batch_size')
     events = []
     for num_steps, noise, batch_size in _segments(dp_params, num_updates):
-      if fixed:
+      sampling_prob = _cyclic_sampling_prob(dp_params, batch_size, cycle_length)
+      steps = _participations(num_steps, cycle_length)
+      if truncated is None:
         events.append(
-            dp_events.fixed_dpsgd_event(
-                noise,
-                num_steps,
-                dataset_size=dp_params.num_samples,
-                batch_size=int(batch_size),
-            )
+            dp_events.dpsgd_event(noise, steps, sampling_prob=sampling_prob)
         )
       else:
         events.append(
-            dp_events.dpsgd_event(
+            dp_events.truncated_dpsgd_event(
                 noise,
-                num_steps,
-                sampling_prob=batch_size / dp_params.num_samples,
+                steps,
+                sampling_prob=sampling_prob,
+                num_examples=group_size,
+                truncated_batch_size=truncated,
             )
         )
     return _compose(events)
+
+
+def _shuffled_event(num_updates: int, dp_params: DpParams):
+  """Unamplified shuffled epochs: one Gaussian release per epoch touched."""
+  batch_pieces = _pieces(dp_params.batch_schedule())
+  scale = dp_params.batch_size_scale_schedule
+  if len(batch_pieces) > 1 or (scale is not None and len(_pieces(scale)) > 1):
+    raise ValueError(
+        'sampling_method=SHUFFLED needs a constant batch size (epochs are'
+        f' then well defined), got batch_sizes={dp_params.batch_schedule()!r}.'
+    )
+  batch_size = dp_params.schedule_pieces()[0][1][1]
+  steps_per_epoch = int(dp_params.num_samples // batch_size)
+  noise_pieces = _pieces(dp_params.noise_multipliers)
+  epochs = {}  # Smallest noise of an epoch -> number of such epochs.
+  for epoch_start in range(0, num_updates, steps_per_epoch):
+    epoch_end = min(epoch_start + steps_per_epoch, num_updates)
+    noises = [
+        noise
+        for i, (start, noise) in enumerate(noise_pieces)
+        if start < epoch_end
+        and (i + 1 == len(noise_pieces) or noise_pieces[i + 1][0] > epoch_start)
+    ]
+    epochs[min(noises)] = epochs.get(min(noises), 0) + 1
+  events = []
+  for noise, count in sorted(epochs.items()):
+    if noise == 0:
+      events.append(dp_accounting.NonPrivateDpEvent())
+    else:
+      # Replace-one changes a sum of norm-C gradients by up to 2C.
+      events.append(dp_accounting.SelfComposedDpEvent(
+          dp_accounting.GaussianDpEvent(noise / 2.0), count))
+  return _compose(events)
+
+
+class DpsgdTrainingUserLevelAccountant(DpsgdTrainingAccountant):
+  """User-level accountant of example-level DP-SGD with Poisson sampling.
+
+  The batches are drawn as for `DpsgdTrainingAccountant` (Poisson, or cyclic
+  Poisson with `cycle_length`) and gradients are clipped per example, but
+  the guarantee protects a whole user, who owns up to `examples_per_user`
+  = k examples of the data set. At a step with sampling probability q the
+  number of the user's examples in the batch is Binomial(k, q), so the
+  step is the mixture of Gaussians that shifts the noise by i * C with
+  probability Binomial(k, q)(i), i = 0..k:
+  `MixtureOfGaussiansDpEvent(sigma, [0..k], binomial pmf)`.
+
+  Privacy:
+    Add-or-remove-one-user neighbours: the neighbouring data set lacks (or
+    has) all k examples of one user. The mixture takes the user's clipped
+    gradients to point the same way, which is the worst case for an
+    adversary aligning them (Choquette-Choo et al. 2023). PLD accounting
+    only (dp_accounting's RDP accountant has no mixture of Gaussians).
+    With `examples_per_user=1` this is `DpsgdTrainingAccountant`.
+    When users (not examples) are sampled and each user's gradient is
+    clipped as a whole, use `DpsgdTrainingAccountant` with num_samples
+    counting users instead.
+
+  References:
+    Choquette-Choo, Ganesh, Steinke, Thakurta, "Privacy Amplification for
+    Matrix Mechanisms", 2023. arXiv:2310.15526.
+    Charles et al., "Fine-Tuning Large Language Models with User-Level
+    Differential Privacy", 2024. arXiv:2407.07737.
+  """
+
+  def neighboring_relation(self, dp_params: DpParams) -> NeighboringRelation:
+    del dp_params  # Always add or remove one user.
+    return NeighboringRelation.ADD_OR_REMOVE_ONE
+
+  def _compute_dp_event(
+      self, num_updates: int, dp_params: DpParams
+  ) -> dp_accounting.DpEvent:
+    if dp_params.examples_per_user is None:
+      raise ValueError(
+          'DpsgdTrainingUserLevelAccountant needs examples_per_user, an'
+          ' integer >= 1, got None.'
+      )
+    if dp_params.sampling_method is not SamplingMethod.POISSON:
+      raise ValueError(
+          'DpsgdTrainingUserLevelAccountant supports'
+          ' sampling_method=POISSON only, got'
+          f' {dp_params.sampling_method.name}.'
+      )
+    _reject(self, dp_params, {
+        'truncated_batch_size': 'truncation of user-level batches is not'
+        ' analysed here.'})
+    _require_pld(self, 'DpsgdTrainingUserLevelAccountant')
+    users_examples = dp_params.examples_per_user
+    cycle_length = dp_params.cycle_length or 1
+    events = []
+    for num_steps, noise, batch_size in _segments(dp_params, num_updates):
+      sampling_prob = _cyclic_sampling_prob(dp_params, batch_size, cycle_length)
+      steps = _participations(num_steps, cycle_length)
+      if steps == 0:
+        continue
+      if noise == 0:
+        events.append(dp_accounting.NonPrivateDpEvent())
+        continue
+      counts = np.arange(users_examples + 1)
+      probs = stats.binom.pmf(counts, users_examples, sampling_prob)
+      keep = probs > 0  # Components of probability 0 change nothing.
+      events.append(dp_accounting.SelfComposedDpEvent(
+          dp_accounting.dp_event.MixtureOfGaussiansDpEvent(
+              standard_deviation=float(noise),
+              sensitivities=[float(c) for c in counts[keep]],
+              sampling_probs=[float(p) for p in probs[keep] / probs.sum()],
+          ),
+          steps,
+      ))
+    return _compose(events)
+
+
+class SingleReleaseTrainingAccountant(DpTrainingAccountant):
+  """The whole run is a single Gaussian release.
+
+  For mechanisms without amplification by sampling whose whole output is
+  one linear map of the data plus Gaussian noise, e.g. DP-FTRL / matrix
+  factorization with every example in every epoch: the noise multiplier is
+  then the noise standard deviation divided by the L2 sensitivity of the
+  whole run (for a factorization A = BC, clip norm times the sensitivity of
+  C over all participations). Epsilon does not depend on the number of
+  updates (0 updates release nothing) nor on batch sizes.
+
+  Privacy:
+    Add-or-remove-one neighbours, with the sensitivity computed for that
+    relation: `GaussianDpEvent(noise_multiplier)`. The noise multiplier must
+    be one number.
+
+  References:
+    Kairouz et al., "Practical and Private (Deep) Learning without Sampling
+    or Shuffling", 2021. arXiv:2103.00039.
+    Balle, Wang, "Improving the Gaussian Mechanism for Differential
+    Privacy", 2018. arXiv:1805.06530.
+  """
+
+  @property
+  def can_calibrate_steps(self) -> bool:
+    return False
+
+  @property
+  def can_calibrate_batch_size(self) -> bool:
+    return False
+
+  @property
+  def can_calibrate_noise_multipliers(self) -> bool:
+    return True
+
+  def _compute_dp_event(
+      self, num_updates: int, dp_params: DpParams
+  ) -> dp_accounting.DpEvent:
+    pieces = _pieces(dp_params.noise_multipliers)
+    if len(pieces) > 1:
+      raise ValueError(
+          'SingleReleaseTrainingAccountant needs one noise multiplier for'
+          f' the whole release, got noise_multipliers={pieces!r}.'
+      )
+    if num_updates == 0:
+      return dp_accounting.NoOpDpEvent()
+    if pieces[0][1] == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.GaussianDpEvent(pieces[0][1])
+

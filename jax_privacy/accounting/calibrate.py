@@ -16,6 +16,14 @@ at most `target_epsilon`. None is ever returned whose epsilon exceeds the
 target. Initial brackets are only starting points: they are grown until they
 contain the answer.
 
+Speed: with a `DpTrainingAccountant`, the answer is first located with fast,
+coarse versions of its accountant (PLD on a coarser grid; RDP on fewer
+orders), each stage seeding the next, and only the last stage, a few
+evaluations, uses the exact accountant. The coarse stages only choose where
+to look: the result is decided, and its guarantee checked, by the exact
+accountant alone (it meets the target, the next value toward less privacy
+does not).
+
 Privacy:
   The guarantee is the accountant's (see `analysis.DpsgdTrainingAccountant`:
   Poisson sampling with add-or-remove-one neighbours by default). Epsilon is
@@ -27,6 +35,7 @@ import math
 import numbers
 from typing import Callable, Optional
 
+from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 
 # Beyond these the target is treated as unreachable: epsilon is then below the
@@ -77,8 +86,125 @@ def _check_int(name: str, value, minimum: int) -> None:
     raise ValueError(f'{name} must be an integer >= {minimum}, got {value}.')
 
 
+class _Unreachable(Exception):
+  """No value in the allowed range meets the target."""
+
+  def __init__(self, value, epsilon):
+    super().__init__(value, epsilon)
+    self.value = value
+    self.epsilon = epsilon
+
+
+def _search(
+    ok: Callable[[float], bool],
+    *,
+    seed: float,
+    step: float,
+    lower: float,
+    upper: float,
+    tol: float,
+    integer: bool,
+) -> float:
+  """Smallest x in [lower, upper] with ok(x), for ok monotone (False, True).
+
+  Starts at `seed`, walks away from it with doubling steps until the answer
+  is bracketed, then bisects the bracket down to width `tol`.
+
+  Returns:
+    hi with ok(hi), and either hi == lower or ok(lo) False for some
+    lo >= hi - tol.
+
+  Raises:
+    _Unreachable: If not ok(upper).
+  """
+  hi = min(max(seed, lower), upper)
+  if ok(hi):
+    while hi > lower:
+      candidate = max(hi - step, lower)
+      if not ok(candidate):
+        lo = candidate
+        break
+      hi, step = candidate, 2 * step
+    else:
+      return hi
+  else:
+    lo = hi
+    while True:
+      if lo >= upper:
+        raise _Unreachable(upper, None)
+      candidate = min(lo + step, upper)
+      if ok(candidate):
+        hi = candidate
+        break
+      lo, step = candidate, 2 * step
+  while hi - lo > tol:
+    middle = (lo + hi) // 2 if integer else (lo + hi) / 2
+    if ok(middle):
+      hi = middle
+    else:
+      lo = middle
+  return hi
+
+
+_PLD_PROXY_INTERVALS = (1e-2, 1e-3)
+_RDP_PROXY_MAX_ORDERS = 24
+
+
+def _proxies(accountant) -> list[analysis.TrainingAccountant]:
+  """Fast, coarse versions of `accountant`, coarsest first (maybe none)."""
+  if not isinstance(accountant, analysis.DpTrainingAccountant):
+    return []
+  config = accountant.dp_accountant_config
+  if isinstance(config, accountants.PldAccountantConfig):
+    return [
+        accountant.with_dp_accountant_config(
+            accountants.PldAccountantConfig(value_discretization_interval=v)
+        )
+        for v in _PLD_PROXY_INTERVALS
+        if v >= 5 * config.value_discretization_interval
+    ]
+  if (
+      isinstance(config, accountants.RdpAccountantConfig)
+      and len(config.orders) > 2 * _RDP_PROXY_MAX_ORDERS
+  ):
+    orders = sorted(config.orders)
+    stride = len(orders) // _RDP_PROXY_MAX_ORDERS
+    sparse = orders[::stride] + [orders[-1]]
+    return [
+        accountant.with_dp_accountant_config(
+            accountants.RdpAccountantConfig(orders=sparse)
+        )
+    ]
+  return []
+
+
+def _cascade(
+    accountant,
+    ok_for: Callable[[analysis.TrainingAccountant], Callable[[float], bool]],
+    *,
+    seed: float,
+    step: float,
+    fine_step: float,
+    **search_kwargs,
+) -> float:
+  """Runs `_search` with the proxies of `accountant`, then with it.
+
+  Each stage starts from the previous stage's answer; a proxy stage that
+  fails (e.g. finds no answer) is skipped. Only the last stage, with the
+  exact accountant, decides the result.
+  """
+  for proxy in _proxies(accountant):
+    try:
+      seed = _search(ok_for(proxy), seed=seed, step=step, **search_kwargs)
+      step = fine_step
+    except (_Unreachable, ValueError):
+      continue
+  return _search(ok_for(accountant), seed=seed, step=step, **search_kwargs)
+
+
 def _largest_integer_within(
-    epsilon: Callable[[int], float],
+    accountant,
+    epsilon_for: Callable[[analysis.TrainingAccountant, int], float],
     target_epsilon: float,
     *,
     name: str,
@@ -88,30 +214,35 @@ def _largest_integer_within(
 ) -> int:
   """Largest n in [low, limit] with epsilon(n) <= target (epsilon increasing).
 
+  Searches over x = -n, for which meeting the target is monotone (False,
+  True) as `_search` expects.
+
   Raises:
     ValueError: If epsilon(low) already exceeds the target.
   """
-  low_epsilon = epsilon(low)
-  if low_epsilon > target_epsilon:
+
+  def ok_for(training_accountant):
+    return lambda x: epsilon_for(training_accountant, -int(x)) <= target_epsilon
+
+  try:
+    return -int(_cascade(
+        accountant,
+        ok_for,
+        seed=-min(max(high, low), limit),
+        step=max(high, 1),
+        fine_step=1,
+        lower=-limit,
+        upper=-low,
+        tol=1,
+        integer=True,
+    ))
+  except _Unreachable:
+    low_epsilon = epsilon_for(accountant, low)
     raise ValueError(
         f'target_epsilon={target_epsilon} is unreachable: the smallest'
         f' epsilon reachable, at {name}={low}, is {low_epsilon:.4g}. Add'
         ' noise, or lower the other settings.'
-    )
-  high = min(max(high, low + 1), limit)
-  # Invariant: epsilon(low) <= target; grow `high` until epsilon(high) exceeds
-  # it (or `limit` is reached, which then is the answer).
-  while epsilon(high) <= target_epsilon:
-    if high >= limit:
-      return limit
-    low, high = high, min(2 * high, limit)
-  while high - low > 1:
-    middle = (low + high) // 2
-    if epsilon(middle) <= target_epsilon:
-      low = middle
-    else:
-      high = middle
-  return low
+    ) from None
 
 
 def calibrate_noise_multiplier(
@@ -131,11 +262,13 @@ def calibrate_noise_multiplier(
 ) -> float:
   """Returns the smallest noise multiplier found that meets the budget.
 
-  Bisection on the noise multiplier sigma: the upper end of the bracket is
-  doubled until its epsilon meets the target, then the bracket is halved
-  until it is narrower than `tol`. The upper end is returned, so
-  epsilon(result) <= target_epsilon, and epsilon(result - tol) >
-  target_epsilon unless result - tol is below `initial_min_noise`.
+  Bracketing and bisection on the noise multiplier sigma, starting at
+  `initial_max_noise` and moving by doubling steps until the answer is
+  bracketed, then halving the bracket until it is narrower than `tol`; run
+  first with coarse versions of the accountant, then with `accountant`
+  itself from their answer (see the module docstring). The upper end is
+  returned, so epsilon(result) <= target_epsilon, and epsilon(result - tol)
+  > target_epsilon unless result - tol is below `initial_min_noise`.
 
   Args:
     target_epsilon: Epsilon to meet, finite and > 0.
@@ -172,38 +305,55 @@ def calibrate_noise_multiplier(
         f'{initial_max_noise}), got {initial_min_noise!r}.'
     )
 
-  def epsilon(noise_multiplier: float) -> float:
-    dp_params = analysis.DpParams(
-        noise_multipliers=noise_multiplier,
-        num_samples=num_samples,
-        delta=target_delta,
-        batch_sizes=batch_sizes,
-        examples_per_user=examples_per_user,
-        cycle_length=cycle_length,
-        truncated_batch_size=truncated_batch_size,
-    )
-    return accountant.compute_epsilon(num_updates, dp_params)
-
-  low, high = float(initial_min_noise), float(initial_max_noise)
-  if low > 0 and epsilon(low) <= target_epsilon:
-    return low
-  # Invariant: epsilon(high) <= target < epsilon(low) (epsilon(0) is inf).
-  while (high_epsilon := epsilon(high)) > target_epsilon:
-    if high >= _MAX_NOISE_MULTIPLIER:
-      raise ValueError(
-          f'target_epsilon={target_epsilon} is unreachable: even'
-          f' noise_multiplier={high:g} gives epsilon={high_epsilon:.4g}, below'
-          " the accountant's resolution. Use a finer accountant or a larger"
-          ' target.'
+  def ok_for(training_accountant):
+    def ok(noise_multiplier: float) -> bool:
+      if noise_multiplier == 0:
+        return False  # No noise: epsilon is infinite.
+      dp_params = analysis.DpParams(
+          noise_multipliers=noise_multiplier,
+          num_samples=num_samples,
+          delta=target_delta,
+          batch_sizes=batch_sizes,
+          examples_per_user=examples_per_user,
+          cycle_length=cycle_length,
+          truncated_batch_size=truncated_batch_size,
       )
-    low, high = high, 2 * high
-  while high - low > tol:
-    middle = (low + high) / 2
-    if epsilon(middle) <= target_epsilon:
-      high = middle
-    else:
-      low = middle
-  return high
+      epsilon = training_accountant.compute_epsilon(num_updates, dp_params)
+      return epsilon <= target_epsilon
+    return ok
+
+  try:
+    return float(_cascade(
+        accountant,
+        ok_for,
+        seed=float(initial_max_noise),
+        step=float(initial_max_noise),
+        fine_step=float(tol),
+        lower=float(initial_min_noise),
+        upper=_MAX_NOISE_MULTIPLIER,
+        tol=float(tol),
+        integer=False,
+    ))
+  except _Unreachable:
+    epsilon = accountant.compute_epsilon(
+        num_updates,
+        analysis.DpParams(
+            noise_multipliers=_MAX_NOISE_MULTIPLIER,
+            num_samples=num_samples,
+            delta=target_delta,
+            batch_sizes=batch_sizes,
+            examples_per_user=examples_per_user,
+            cycle_length=cycle_length,
+            truncated_batch_size=truncated_batch_size,
+        ),
+    )
+    raise ValueError(
+        f'target_epsilon={target_epsilon} is unreachable: even'
+        f' noise_multiplier={_MAX_NOISE_MULTIPLIER:g} gives'
+        f' epsilon={epsilon:.4g}, the smallest reachable with these'
+        " settings (the accountant's resolution). Use a finer accountant or"
+        ' a larger target.'
+    ) from None
 
 
 def calibrate_num_updates(
@@ -223,8 +373,8 @@ def calibrate_num_updates(
 ) -> int:
   """Returns the largest number of updates that meets the budget.
 
-  Integer bisection: the upper end of the bracket is doubled until its
-  epsilon exceeds the target, then the bracket is halved down to one step.
+  Integer bracketing from `initial_max_updates` by doubling steps, then
+  bisection down to one step (coarse accountants first, then `accountant`).
   The result n satisfies epsilon(n) <= target_epsilon < epsilon(n + 1).
 
   Args:
@@ -264,7 +414,8 @@ def calibrate_num_updates(
       truncated_batch_size=truncated_batch_size,
   )
   return _largest_integer_within(
-      lambda num_updates: accountant.compute_epsilon(num_updates, dp_params),
+      accountant,
+      lambda acc, num_updates: acc.compute_epsilon(num_updates, dp_params),
       target_epsilon,
       name='num_updates',
       low=initial_min_updates,
@@ -290,9 +441,10 @@ def calibrate_batch_size(
 ) -> int:
   """Returns the largest batch size that meets the budget.
 
-  Integer bisection: the upper end of the bracket is doubled (up to
-  `num_samples`) until its epsilon exceeds the target, then the bracket is
-  halved down to one example. The result b satisfies epsilon(b) <=
+  Integer bracketing from `initial_max_batch_size` by doubling steps (up to
+  `num_samples`, or num_samples // cycle_length with cyclic sampling), then
+  bisection down to one example (coarse accountants first, then
+  `accountant`). The result b satisfies epsilon(b) <=
   target_epsilon, and epsilon(b + 1) > target_epsilon unless b is
   `num_samples`.
 
@@ -334,7 +486,7 @@ def calibrate_batch_size(
   )
   _check_positive('tol', tol)
 
-  def epsilon(batch_size: int) -> float:
+  def epsilon_for(training_accountant, batch_size: int) -> float:
     dp_params = analysis.DpParams(
         noise_multipliers=noise_multipliers,
         num_samples=num_samples,
@@ -344,13 +496,15 @@ def calibrate_batch_size(
         cycle_length=cycle_length,
         truncated_batch_size=truncated_batch_size,
     )
-    return accountant.compute_epsilon(num_updates, dp_params)
+    return training_accountant.compute_epsilon(num_updates, dp_params)
 
   return _largest_integer_within(
-      epsilon,
+      accountant,
+      epsilon_for,
       target_epsilon,
       name='batch_size',
       low=initial_min_batch_size,
       high=initial_max_batch_size,
-      limit=num_samples,
+      # Cyclic Poisson sampling draws from groups of num_samples / k.
+      limit=max(num_samples // (cycle_length or 1), initial_min_batch_size),
   )

@@ -243,3 +243,134 @@ def truncated_dpsgd_event(
       noise_multiplier=float(noise_multiplier),
   )
   return _repeat(step, iterations)
+
+
+def _bandmf_participations(iterations: int, num_bands: int) -> int:
+  """Participations of the most exposed group: ceil(iterations / bands)."""
+  return -(-iterations // num_bands)
+
+
+def amplified_bandmf_event(
+    noise_multiplier: float,
+    iterations: int,
+    *,
+    num_bands: int,
+    sampling_prob: float,
+) -> dp_accounting.DpEvent:
+  """Banded matrix factorization with cyclic Poisson sampling, as a DpEvent.
+
+  The mechanism releases C x + z for a lower-triangular, `num_bands`-banded
+  strategy matrix C whose columns have L2 norm at most 1 (sensitivity-
+  normalised), where x stacks the summed clipped gradients of the
+  `iterations` steps and z is i.i.d. Gaussian of standard deviation
+  `noise_multiplier * C_clip`. The data is split into b = `num_bands`
+  groups; step t Poisson-samples group t mod b with probability
+  `sampling_prob` (`batch_selection.CyclicPoissonSampling` with
+  cycle_length=b).
+
+  Derivation (Choquette-Choo et al. 2023, amplified BandMF): an example of
+  group k can only take part in steps k, k + b, k + 2b, ...; participation at
+  step s changes x in coordinate s only, hence C x in rows s .. s + b - 1 (C is
+  b-banded). These row blocks are disjoint for different participations, so
+  the output splits into independent blocks, each a Poisson-subsampled
+  Gaussian mechanism whose sensitivity is the column norm (<= 1) and whose
+  later blocks may depend adaptively on earlier ones. The mechanism is thus
+  dominated by DP-SGD with the same `sampling_prob` and noise multiplier
+  for ceil(iterations / b) steps. `num_bands=1` is DP-SGD itself.
+
+  Privacy:
+    Add-or-remove-one neighbours; columns of C normalised to norm <= 1
+    (the factorization's noise is scaled by that sensitivity); cyclic
+    Poisson sampling with each example in exactly one of the b groups.
+
+  Args:
+    noise_multiplier: Noise standard deviation over (clip norm x column
+      norm bound), >= 0.
+    iterations: Number of steps, an integer >= 0.
+    num_bands: Number of bands b of C and of groups, an integer >= 1.
+    sampling_prob: Probability that an example of the sampled group joins
+      the batch, in (0, 1].
+
+  Returns:
+    `dpsgd_event(noise_multiplier, ceil(iterations / num_bands),
+    sampling_prob=sampling_prob)`.
+
+  Raises:
+    ValueError: If an argument is outside the range given above.
+
+  References:
+    Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta, Xu,
+    "(Amplified) Banded Matrix Factorization: A unified approach to private
+    training", NeurIPS 2023. arXiv:2306.08153.
+  """
+  _check_noise_multiplier(noise_multiplier)
+  iterations = _check_integer('iterations', iterations, 0)
+  num_bands = _check_integer('num_bands', num_bands, 1)
+  sampling_prob = _check_sampling_prob(sampling_prob)
+  return dpsgd_event(
+      noise_multiplier,
+      _bandmf_participations(iterations, num_bands),
+      sampling_prob=sampling_prob,
+  )
+
+
+def truncated_amplified_bandmf_event(
+    noise_multiplier: float,
+    iterations: int,
+    *,
+    num_bands: int,
+    sampling_prob: float,
+    largest_group_size: int,
+    truncated_batch_size: int,
+) -> dp_accounting.DpEvent:
+  """Amplified banded matrix factorization with truncated Poisson batches.
+
+  As `amplified_bandmf_event`, but a sampled batch larger than
+  `truncated_batch_size` keeps a uniformly random subset of that size. The
+  same block argument reduces the mechanism to ceil(iterations / b) steps of
+  truncated Poisson-subsampled Gaussians on one group, whose size is taken
+  to be `largest_group_size` (the group an accountant must assume).
+
+  Privacy:
+    As `amplified_bandmf_event`, plus: truncation keeps a uniformly random
+    subset. PLD accounting only (dp_accounting's
+    `TruncatedSubsampledGaussianDpEvent`). The truncated analysis is not
+    monotone in the group size: when groups differ in size, evaluate the
+    event for each size and keep the larger epsilon (as
+    `analysis.DpsgdTrainingAccountant` does).
+
+  Args:
+    noise_multiplier: Noise standard deviation over (clip norm x column
+      norm bound), >= 0.
+    iterations: Number of steps, an integer >= 0.
+    num_bands: Number of bands and groups, an integer >= 1.
+    sampling_prob: Poisson sampling probability within a group, in (0, 1].
+    largest_group_size: Number of examples in the largest group, >= 1.
+    truncated_batch_size: Largest batch kept, an integer >= 1.
+
+  Returns:
+    `truncated_dpsgd_event(noise_multiplier, ceil(iterations / num_bands),
+    sampling_prob=..., num_examples=largest_group_size,
+    truncated_batch_size=...)`.
+
+  Raises:
+    ValueError: If an argument is outside the range given above.
+
+  References:
+    Choquette-Choo et al., 2023. arXiv:2306.08153.
+    The truncated Poisson analysis of dp_accounting, arXiv:2508.15089.
+  """
+  _check_noise_multiplier(noise_multiplier)
+  iterations = _check_integer('iterations', iterations, 0)
+  num_bands = _check_integer('num_bands', num_bands, 1)
+  sampling_prob = _check_sampling_prob(sampling_prob)
+  largest_group_size = _check_integer(
+      'largest_group_size', largest_group_size, 1
+  )
+  return truncated_dpsgd_event(
+      noise_multiplier,
+      _bandmf_participations(iterations, num_bands),
+      sampling_prob=sampling_prob,
+      num_examples=largest_group_size,
+      truncated_batch_size=truncated_batch_size,
+  )

@@ -56,6 +56,9 @@ _GRID = [
 ]
 
 
+# The default suite checks a wider 48-setting grid in epsilon_grid_test.py;
+# this one (with the dense default orders) runs with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize('q, sigma, steps, delta', _GRID)
 def test_rdp_epsilon_equals_independent_dp_accounting(q, sigma, steps, delta):
   num_samples = 10_000
@@ -75,6 +78,7 @@ def test_rdp_epsilon_equals_independent_dp_accounting(q, sigma, steps, delta):
   assert epsilon <= default_orders.get_epsilon(delta) + 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'q, sigma, steps, delta',
     # PLD is slow for heavy composition at small noise: skip the settings with
@@ -350,8 +354,14 @@ def test_accountant_rejects_non_config():
     'kwargs, field',
     [
         (dict(examples_per_user=2), 'examples_per_user'),
-        (dict(cycle_length=4), 'cycle_length'),
+        # dp_accounting's RDP accountant has no truncated Poisson analysis.
         (dict(truncated_batch_size=50), 'truncated_batch_size'),
+        (dict(cycle_length=4, batch_size=3000), 'cycle_length'),
+        (
+            dict(cycle_length=4,
+                 sampling_method=analysis.SamplingMethod.FIXED_BATCH_SIZE),
+            'cycle_length',
+        ),
     ],
 )
 def test_unsupported_settings_are_rejected_not_ignored(kwargs, field):
