@@ -4,7 +4,10 @@ The building blocks of a DP training run, one submodule each:
 
 * ``batch_selection``: which examples take part in each step (host, NumPy).
 * ``clipping``: per-example gradients of bounded L2 norm (device, JAX).
-* ``noise_addition``: Gaussian noise as an ``optax.GradientTransformation``.
+* ``noise_addition``: Gaussian or correlated (matrix-factorization) noise as
+  an ``optax.GradientTransformation``.
+* ``matrix_factorization``: correlated-noise strategies (BLT, banded,
+  Toeplitz, dense, tree aggregation).
 * ``accounting``: (epsilon, delta) of a run and calibration of its settings.
 * ``dp_sgd``: the gradient-computer API of the "JAX & Flax" guide.
 * ``auditing``: empirical privacy: canaries, membership inference, epsilon
@@ -20,6 +23,7 @@ from jax_privacy import auditing
 from jax_privacy import batch_selection
 from jax_privacy import clipping
 from jax_privacy import experimental
+from jax_privacy import matrix_factorization
 from jax_privacy import noise_addition
 from jax_privacy.clipping import clipped_grad
 
@@ -30,5 +34,6 @@ __all__ = [
     "clipping",
     "clipped_grad",
     "experimental",
+    "matrix_factorization",
     "noise_addition",
 ]

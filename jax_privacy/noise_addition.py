@@ -24,11 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_privacy.matrix_factorization import checks
+from jax_privacy.matrix_factorization import streaming_matrix
+
 __all__ = [
     'GaussianPrivatizerState',
+    'MatrixFactorizationPrivatizerState',
     'SupportedStrategies',
     'gaussian_noise_like',
     'gaussian_privatizer',
+    'matrix_factorization_privatizer',
 ]
 
 _THREEFRY = 'threefry2x32'
@@ -186,6 +191,161 @@ def gaussian_privatizer(
       return noisy.astype(g.dtype if out_dtype is None else out_dtype)
 
     return jax.tree.map(add_noise, updates, noise), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class MatrixFactorizationPrivatizerState(NamedTuple):
+  """State of :func:`matrix_factorization_privatizer`.
+
+  Attributes:
+    key: the base PRNG key; ``Z_t`` is drawn from ``fold_in(key, t)``.
+    count: number of updates made so far (``int32`` scalar).
+    matrix_state: the streaming matrix's state (``()`` for a dense matrix,
+      which regenerates ``Z_0 .. Z_t`` from the key instead of storing them).
+  """
+
+  key: jax.Array
+  count: jax.Array
+  matrix_state: Any
+
+
+def matrix_factorization_privatizer(
+    noising_matrix,
+    *,
+    stddev: float,
+    prng_key: jax.Array | None = None,
+    dtype: Any = None,
+    intermediate_strategy: SupportedStrategies = SupportedStrategies.DEFAULT,
+) -> optax.GradientTransformation:
+  """Adds correlated noise: row ``t`` of ``stddev * C^{-1} Z`` at step ``t``.
+
+  ``Z_t`` is the same i.i.d. N(0, 1) tree the Gaussian privatizer draws at
+  step ``t`` (``_standard_normal_tree(jax.random.fold_in(prng_key, t))``),
+  so with ``C^{-1} = I`` both privatizers add bitwise the same noise.
+  ``noising_matrix`` is ``C^{-1}``, lower-triangular:
+
+  * a ``StreamingMatrix`` (``matrix_factorization``: ``BufferedToeplitz.
+    inverse_as_streaming_matrix()``, ``toeplitz.inverse_as_streaming_matrix
+    (coef)``, ``tree_aggregation.inverse_as_streaming_matrix(n)``, ...):
+    memory is its state (a few model copies), time O(state) per step;
+  * a dense ``n x n`` array: no extra memory, but step ``t`` regenerates
+    all ``n`` draws ``Z_s`` (weights past ``t`` are zero), so time is
+    ``O(n)`` draws per step: for small ``n`` and testing. Steps ``>= n``
+    return NaN gradients, so an over-long run fails loudly.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_privacy.matrix_factorization import buffered_toeplitz
+      >>> blt = buffered_toeplitz.BufferedToeplitz(
+      ...     buf_decay=(0.9,), output_scale=(0.5,))
+      >>> privatizer = matrix_factorization_privatizer(
+      ...     blt.inverse_as_streaming_matrix(), stddev=1.0,
+      ...     prng_key=jax.random.key(0))
+      >>> state = privatizer.init({'w': jnp.zeros(3)})
+      >>> noisy, state = privatizer.update({'w': jnp.zeros(3)}, state)
+
+  Privacy:
+    The released stream is ``B (C x + stddev Z)`` post-processed, where
+    ``x`` is the stream of clipped-gradient sums. The guarantee assumes
+    ``stddev = noise_multiplier * clip_norm * sens(C)``, with ``sens(C)``
+    the sensitivity of the strategy ``C`` (the inverse of the matrix given
+    here) under the participation pattern the batch selection really
+    enforces (``matrix_factorization.sensitivity``), or a noise multiplier
+    calibrated by a DpEvent for that pattern (e.g. amplified BandMF),
+    a secret key used for nothing else, and that the noise is not reset
+    mid-run. ``stddev=0`` gives no privacy.
+
+  Args:
+    noising_matrix: ``C^{-1}`` as a ``StreamingMatrix`` or a dense square
+      lower-triangular array with a nonzero diagonal.
+    stddev: the noise scale of ``Z``; finite and ``>= 0``.
+    prng_key: the key (required, see :func:`gaussian_privatizer`).
+    dtype: as for :func:`gaussian_privatizer`.
+    intermediate_strategy: layout of each draw of ``Z_t`` over devices.
+
+  Returns:
+    An ``optax.GradientTransformation`` with
+    :class:`MatrixFactorizationPrivatizerState`.
+
+  Raises:
+    ValueError: for a bad ``stddev``, ``prng_key``, ``dtype`` or strategy,
+      or a dense matrix that is not square, finite, lower-triangular and
+      invertible.
+
+  References:
+    Denisov et al., "Improved Differential Privacy for SGD via Optimal
+    Private Linear Operators on Adaptive Streams", 2022, arXiv:2202.08312.
+    Choquette-Choo et al., "Multi-Epoch Matrix Factorization Mechanisms
+    for Private Machine Learning", 2023, arXiv:2211.06530.
+  """
+  stddev = _check_stddev(stddev)
+  key = _check_prng_key(prng_key)
+  out_dtype = _check_dtype(dtype)
+  sharding = _strategy_sharding(intermediate_strategy)
+  streaming = isinstance(noising_matrix, streaming_matrix.StreamingMatrix)
+  if not streaming:
+    dense = checks.check_invertible_lower_triangular(
+        'noising_matrix', noising_matrix
+    )
+
+  def specs_of(tree):
+    return jax.tree.map(
+        lambda g: jax.ShapeDtypeStruct(g.shape, _noise_dtype(g, out_dtype)),
+        tree,
+    )
+
+  def init_fn(params):
+    matrix_state = ()
+    if streaming:
+      specs = specs_of(params)
+      matrix_state = noising_matrix.init_multiply(
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs)
+      )
+    return MatrixFactorizationPrivatizerState(
+        key=key, count=jnp.zeros([], jnp.int32), matrix_state=matrix_state
+    )
+
+  def dense_noise(base_key, count, specs):
+    weights = jnp.asarray(dense)[jnp.minimum(count, dense.shape[0] - 1)]
+    weights = jnp.where(count < dense.shape[0], weights, jnp.nan)
+
+    def body(s, total):
+      z = _standard_normal_tree(
+          jax.random.fold_in(base_key, s), specs, sharding
+      )
+      return jax.tree.map(
+          lambda acc, zs: acc + weights[s].astype(zs.dtype) * zs, total, z
+      )
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs)
+    return jax.lax.fori_loop(0, dense.shape[0], body, zeros)
+
+  def update_fn(updates, state, params=None):
+    del params
+    specs = specs_of(updates)
+    if streaming:
+      z = _standard_normal_tree(
+          jax.random.fold_in(state.key, state.count), specs, sharding
+      )
+      # Materialise the draw once: the matrix reads it from several outputs
+      # (its buffers), and XLA would otherwise recompute the draw for each.
+      z = jax.lax.optimization_barrier(z)
+      correlated, matrix_state = noising_matrix.multiply_next(
+          z, state.matrix_state
+      )
+    else:
+      correlated, matrix_state = dense_noise(state.key, state.count, specs), ()
+    new_state = MatrixFactorizationPrivatizerState(
+        key=state.key, count=state.count + 1, matrix_state=matrix_state
+    )
+
+    def add_noise(g, z):
+      noisy = g.astype(z.dtype) + (stddev * z).astype(z.dtype)
+      return noisy.astype(g.dtype if out_dtype is None else out_dtype)
+
+    return jax.tree.map(add_noise, updates, correlated), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
