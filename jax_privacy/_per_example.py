@@ -186,11 +186,11 @@ def _padding_mask(is_padding_example, batch_size: int) -> jax.Array:
   return mask.astype(bool)
 
 
-def clipped_sum_function(
+def vectorized_chunk_function(
     per_example_fn: Callable[..., tuple[PyTree, PyTree]],
     settings: ClipSettings,
 ) -> Callable[..., tuple[PyTree, jax.Array, PyTree]]:
-  """Builds ``batch_fn(*args, is_padding_example) -> (sum, norms, extras)``.
+  """Builds ``chunk(args, is_padding, batched) -> (sum, norms, extras)``.
 
   ``per_example_fn(*args)`` is called on one example at a time (batched
   arguments sliced, with or without a leading axis of size 1) and returns the
@@ -198,8 +198,9 @@ def clipped_sum_function(
 
   This is the vectorised (vmap) per-example engine: the batch is processed in
   one vmap or, with ``microbatch_size``, in a ``lax.scan`` over chunks whose
-  clipped sums are accumulated. Faster engines (e.g. ghost clipping) produce
-  the same ``(sum, norms, extras)`` triple.
+  clipped sums are accumulated (:func:`batch_function`). Faster engines (ghost
+  clipping, :mod:`jax_privacy._ghost`) plug their own chunk function into
+  :func:`batch_function` and produce the same ``(sum, norms, extras)``.
   """
 
   def one_example(args, is_padding):
@@ -219,7 +220,7 @@ def clipped_sum_function(
         settings.l2_clip_norm,
         rescale_to_unit_norm=settings.rescale_to_unit_norm,
         nan_safe=settings.nan_safe,
-        out_dtype=lambda d: _accumulation_dtype(d, settings.dtype),
+        out_dtype=lambda d: accumulation_dtype(d, settings.dtype),
     )
     clipped = jax.tree_util.tree_map(
         lambda leaf: jnp.where(is_padding, jnp.zeros_like(leaf), leaf), clipped
@@ -236,6 +237,33 @@ def clipped_sum_function(
     summed = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), clipped)
     return summed, norms, extras
 
+  return vmapped
+
+
+def clipped_sum_function(
+    per_example_fn: Callable[..., tuple[PyTree, PyTree]],
+    settings: ClipSettings,
+) -> Callable[..., tuple[PyTree, jax.Array, PyTree]]:
+  """The vmap engine, ``batch_function(vectorized_chunk_function(...))``."""
+  return batch_function(
+      vectorized_chunk_function(per_example_fn, settings), settings
+  )
+
+
+def batch_function(
+    chunk_fn: Callable[..., tuple[PyTree, jax.Array, PyTree]],
+    settings: ClipSettings,
+) -> Callable[..., tuple[PyTree, jax.Array, PyTree]]:
+  """Wraps an engine's ``chunk_fn`` into ``batch_fn(*args, is_padding_example)``.
+
+  ``chunk_fn(args, is_padding, batched)`` returns the (unnormalised) clipped
+  sum, the per-example norms and extras of the examples it is given;
+  ``batched`` is the set of argument positions with a batch axis. This
+  wrapper, shared by every engine, checks the batch, splits the PRNG key per
+  example, runs microbatches in a ``lax.scan`` and divides by
+  ``normalize_by``.
+  """
+
   def batch_fn(*args, is_padding_example=None):
     batch_size = _batch_size(args, settings.batch_argnums)
     is_padding = _padding_mask(is_padding_example, batch_size)
@@ -249,10 +277,10 @@ def clipped_sum_function(
 
     microbatch_size = settings.microbatch_size
     if microbatch_size is None or microbatch_size >= batch_size:
-      summed, norms, extras = vmapped(args, is_padding, batched)
+      summed, norms, extras = chunk_fn(args, is_padding, batched)
     else:
       summed, norms, extras = _scan_microbatches(
-          vmapped, args, is_padding, batched, batch_size, microbatch_size
+          chunk_fn, args, is_padding, batched, batch_size, microbatch_size
       )
     summed = jax.tree_util.tree_map(
         lambda x: x / jnp.asarray(settings.normalize_by, x.dtype), summed
@@ -295,7 +323,7 @@ def scale_to_bound(
   return jax.tree_util.tree_map(scale_leaf, tree)
 
 
-def _accumulation_dtype(leaf_dtype, requested):
+def accumulation_dtype(leaf_dtype, requested):
   if requested is not None:
     return jnp.dtype(requested)
   return at_least_f32(leaf_dtype)

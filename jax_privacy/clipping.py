@@ -47,9 +47,12 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 
+from jax_privacy import _ghost
 from jax_privacy import _per_example
 
 PyTree = Any
+
+_METHODS = ('vectorized', 'ghost', 'auto')
 
 AuxiliaryOutput = collections.namedtuple(
     'AuxiliaryOutput', ['values', 'grad_norms', 'aux']
@@ -185,6 +188,7 @@ def clipped_grad(
     dtype: Any = None,
     prng_argnum: int | None = None,
     spmd_axis_name: Any = None,
+    method: str = 'vectorized',
 ) -> BoundedSensitivityCallable:
   """Sum of per-example gradients, each clipped to a bounded L2 norm.
 
@@ -224,6 +228,17 @@ def clipped_grad(
       example before ``fun`` is called.
     spmd_axis_name: passed to ``jax.vmap`` for batches sharded over a mesh
       axis.
+    method: how per-example gradients are computed; a performance option
+      that never changes the sensitivity, and all methods agree to float
+      rounding. ``'vectorized'`` (default): ``jax.vmap`` of ``jax.grad``,
+      materialising every per-example gradient. ``'ghost'``: ghost norms and
+      book-keeping (:mod:`jax_privacy._ghost`) for parameters used once as
+      the weight of a dense ``dot_general``, a convolution or an embedding
+      ``gather``; the other parameters' per-example gradients are
+      materialised (that leaf only). Needs the default
+      ``pre_clipping_transform``. ``'auto'``: ghost when some parameter can
+      be tapped and ``pre_clipping_transform`` is the identity, else
+      vectorized. The choice is logged (``logging.INFO``) at trace time.
 
   Returns:
     A :class:`BoundedSensitivityCallable` with the signature of ``fun`` plus
@@ -235,8 +250,9 @@ def clipped_grad(
   Raises:
     ValueError: on a non-positive or NaN ``l2_clip_norm`` or
       ``normalize_by``, a bad ``microbatch_size``, overlapping
-      ``prng_argnum`` and ``batch_argnums``; at call time, on batched
-      arguments whose leading dimensions differ.
+      ``prng_argnum`` and ``batch_argnums``, an unknown ``method`` or
+      ``method='ghost'`` with a ``pre_clipping_transform``; at call time, on
+      batched arguments whose leading dimensions differ.
 
   Privacy:
     Each example contributes at most ``sensitivity()`` in L2 norm to the
@@ -264,8 +280,28 @@ def clipped_grad(
         f'{sorted(overlap)}: gradients are taken with respect to '
         'non-batched arguments (the parameters)'
     )
+  if method not in _METHODS:
+    raise ValueError(f'method must be one of {_METHODS}, got {method!r}')
+  custom_transform = pre_clipping_transform is not _per_example.identity
+  if method == 'ghost' and custom_transform:
+    raise ValueError(
+        "method='ghost' computes norms without materialising gradients, so it "
+        'cannot apply a pre_clipping_transform; use method=\'vectorized\''
+    )
+  chunk_fn = _per_example.vectorized_chunk_function(
+      _per_example.gradient_per_example(fun, argnums, has_aux), settings
+  )
+  if method == 'ghost' or (method == 'auto' and not custom_transform):
+    chunk_fn = _ghost.ghost_chunk_function(
+        fun,
+        argnums,
+        has_aux,
+        settings,
+        fallback=chunk_fn if method == 'auto' else None,
+    )
+  batch_fn = _per_example.batch_function(chunk_fn, settings)
   return _bounded_callable(
-      _per_example.gradient_per_example(fun, argnums, has_aux),
+      batch_fn,
       settings,
       has_aux=has_aux,
       return_values=return_values,
@@ -274,9 +310,8 @@ def clipped_grad(
 
 
 def _bounded_callable(
-    per_example_fn, settings, *, has_aux, return_values, return_norms
+    batch_fn, settings, *, has_aux, return_values, return_norms
 ) -> BoundedSensitivityCallable:
-  batch_fn = _per_example.clipped_sum_function(per_example_fn, settings)
   returns_aux = bool(has_aux or return_values or return_norms)
 
   def clipped(*args, is_padding_example=None):
@@ -355,7 +390,9 @@ def clipped_fun(
       spmd_axis_name=spmd_axis_name,
   )
   return _bounded_callable(
-      _per_example.output_per_example(fun, has_aux),
+      _per_example.clipped_sum_function(
+          _per_example.output_per_example(fun, has_aux), settings
+      ),
       settings,
       has_aux=has_aux,
       return_values=False,
