@@ -117,6 +117,8 @@ class DPTrainer:
       example_key_seed: int = 0,
       physical_batch_size: int | None = None,
       extra_gradients_fn: Callable[[int], PyTree | None] | None = None,
+      mesh: jax.sharding.Mesh | None = None,
+      batch_axis: str = 'batch',
   ):
     for name, value in (
         ('sampling_seed', sampling_seed),
@@ -134,6 +136,29 @@ class DPTrainer:
       raise ValueError(
           'physical_batch_size must be None or an integer >= 1, got '
           f'{physical_batch_size!r}'
+      )
+    self._batch_sharding = None
+    if mesh is not None:
+      if batch_axis not in mesh.shape:
+        raise ValueError(
+            f'batch_axis {batch_axis!r} is not an axis of the mesh '
+            f'{dict(mesh.shape)}'
+        )
+      axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[batch_axis]
+      if axis_type != jax.sharding.AxisType.Auto:
+        raise ValueError(
+            f'the mesh axis {batch_axis!r} must have AxisType.Auto (the '
+            'compiler shards the per-example work), got '
+            f'{axis_type}; build it with jax.make_mesh(shape, names, '
+            'axis_types=(jax.sharding.AxisType.Auto,) * len(names))'
+        )
+      if physical_batch_size % mesh.shape[batch_axis]:
+        raise ValueError(
+            f'physical_batch_size ({physical_batch_size}) must be a multiple '
+            f'of the mesh axis {batch_axis!r} size ({mesh.shape[batch_axis]})'
+        )
+      self._batch_sharding = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(batch_axis)
       )
     self.config = config
     self.plan = config.plan
@@ -385,6 +410,10 @@ class DPTrainer:
       is_padding = chunk_indices < 0
       gather = np.where(is_padding, 0, chunk_indices)
       batch = jax.tree_util.tree_map(lambda a: a[gather], host_data)
+      if self._batch_sharding is not None:
+        batch, is_padding = jax.device_put(
+            (batch, is_padding), self._batch_sharding
+        )
       total = self._accumulate(
           state.params,
           total,
