@@ -231,7 +231,9 @@ class DPTrainer:
 
     Args:
       dataset: a pytree of arrays (NumPy or JAX) whose leaves share a leading
-        axis of ``config.num_examples`` examples.
+        axis of ``config.num_examples`` examples. Memory-mapped NumPy files
+        (``np.load(path, mmap_mode='r')``) are read batch by batch: only the
+        sampled rows are touched.
       state: from :meth:`init`, or a restored state: the run continues at
         ``state.step`` with the batches and noise the uninterrupted run would
         have used.

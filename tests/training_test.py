@@ -271,3 +271,20 @@ def test_extra_gradients_enter_before_normalisation_and_noise():
       plain.params,
       canary,
   )
+
+
+def test_fit_reads_memory_mapped_numpy_files(tmp_path):
+  """Data in .npy files is read batch by batch (memory-mapped), same result."""
+  x, y = _data()
+  np.save(tmp_path / 'x.npy', x)
+  np.save(tmp_path / 'y.npy', y)
+  mapped = (
+      np.load(tmp_path / 'x.npy', mmap_mode='r'),
+      np.load(tmp_path / 'y.npy', mmap_mode='r'),
+  )
+  trainer = _trainer(_config(iterations=5))
+  from_files = trainer.fit(mapped, trainer.init(_params()))
+  in_memory = trainer.fit((x, y), trainer.init(_params()))
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, from_files.params, in_memory.params
+  )
