@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Callable, Optional, TextIO
 
-from jax_privacy import _cli_accounting
-from jax_privacy import _cli_audit
+from jax_privacy import cli_accounting
+from jax_privacy import cli_audit
 from jax_privacy import _digits_demo
 
 _DEFAULTS = _digits_demo.TrainSettings()
@@ -140,8 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
       title='commands', metavar='COMMAND', required=True
   )
   _add_train_command(commands)
-  _cli_accounting.add_parsers(commands)
-  _cli_audit.add_parsers(commands)
+  cli_accounting.add_parsers(commands)
+  cli_audit.add_parsers(commands)
   return parser
 
 
