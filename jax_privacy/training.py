@@ -14,7 +14,7 @@ logical batch, and applies any optax optimizer::
                         optimizer=optax.adam(1e-3), sampling_seed=2)
     state = trainer.init(params)
     state = trainer.fit((x, y), state)
-    print(trainer.epsilon_spent(state))
+    epsilon = trainer.epsilon_spent(state)
 
 ``loss_fn(params, example, key)`` is the loss of ONE example (every leaf of
 ``example`` has a leading axis of size 1); ``key`` is a per-example PRNG key
