@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_privacy import _discrete_gaussian
 from jax_privacy.matrix_factorization import checks
 from jax_privacy.matrix_factorization import streaming_matrix
 
@@ -92,6 +93,7 @@ def gaussian_privatizer(
     prng_key: jax.Array | None = None,
     dtype: Any = None,
     intermediate_strategy: SupportedStrategies = SupportedStrategies.DEFAULT,
+    secure: bool = False,
 ) -> optax.GradientTransformation:
   """Adds i.i.d. Gaussian noise N(0, stddev^2) to every gradient coordinate.
 
@@ -149,15 +151,19 @@ def gaussian_privatizer(
       addition is post-processing.
     intermediate_strategy: how the draw is laid out over devices; see
       :class:`SupportedStrategies`. Never changes the noise values.
+    secure: draw discrete Gaussian noise on a grid from ``os.urandom``
+      instead (``prng_key`` must be ``None``); see docs/secure_noise.md and
+      ``jax_privacy._discrete_gaussian`` for its threat model and accounting.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
     :class:`GaussianPrivatizerState`.
 
   Raises:
-    ValueError: if ``stddev`` is negative, NaN or infinite; if
-      ``prng_key`` is ``None`` or not a single PRNG key; if ``dtype`` is
-      not a floating-point type; or if ``intermediate_strategy`` is not a
+    ValueError: if ``stddev`` is negative, NaN or infinite (or 0 with
+      ``secure``); if ``prng_key`` is ``None`` or not a single PRNG key (with
+      ``secure``: if it is not ``None``); if ``dtype`` is not a
+      floating-point type; or if ``intermediate_strategy`` is not a
       :class:`SupportedStrategies`. Raised when the factory is called,
       before anything is traced.
 
@@ -167,6 +173,10 @@ def gaussian_privatizer(
     Mironov, "On Significance of the Least Significant Bits for
     Differential Privacy", CCS 2012.
   """
+  if secure:
+    _strategy_sharding(intermediate_strategy)
+    return _discrete_gaussian.secure_gaussian_privatizer(
+        stddev=stddev, prng_key=prng_key, dtype=dtype)
   stddev = _check_stddev(stddev)
   key = _check_prng_key(prng_key)
   out_dtype = _check_dtype(dtype)
