@@ -6,6 +6,7 @@ import numpy as np
 from scipy import stats
 
 from jax_privacy.auditing import _bounds
+from jax_privacy.auditing import _fdp_one_run
 from jax_privacy.auditing import _thresholds
 
 _BONFERRONI = _thresholds.Bonferroni()
@@ -350,44 +351,53 @@ class CanaryScoreAuditor:
       *,
       num_guesses: Optional[int | Sequence[int]] = None,
   ) -> float:
-    """The one-run audit refined with the Gaussian trade-off curve.
+    """The one-run f-DP audit of Mahloujifar, Melis and Chaudhuri (2024).
 
-    Instead of one (epsilon, delta) pair, the hypothesis is "the run is
-    mu-GDP", which implies (epsilon, delta_mu(epsilon))-DP for every epsilon
-    at once; the one-run p-value is minimised over a grid of epsilons, the
-    largest mu rejected is found by bisection, and its epsilon at `delta` is
-    returned. This uses the whole privacy curve of the f-DP hypothesis, as
-    Mahloujifar, Melis and Chaudhuri (2024) propose, through the simpler
-    union over (epsilon, delta) pairs rather than their recursive analysis,
-    so it is valid but can be looser than theirs.
+    Same game and guesses as `epsilon_one_run` (ceil(r / 2) "in" guesses on
+    the highest scores, floor(r / 2) "out" on the lowest, abstention on the
+    rest), but the null hypothesis is "the run is mu-GDP", tested with the
+    paper's recursive bound on P[at least c correct guesses] under a
+    trade-off function (here the Gaussian f_mu), which uses the whole curve
+    instead of one (epsilon, delta) pair. The largest mu rejected at
+    `significance` (Bonferroni over the r tried) is converted to epsilon at
+    `delta`.
+
+    Privacy:
+      Valid when every canary was included independently with probability
+      1/2. The rejected mu then exceeds the smallest mu for which the run
+      is mu-GDP with respect to each canary with probability at most
+      `significance`, whatever the mechanism; reading it as epsilon at
+      `delta` assumes the run's trade-off curve is Gaussian (exact for the
+      Gaussian mechanism and full-batch DP-SGD, an approximation for
+      Poisson-subsampled DP-SGD, wrong for pure-DP mechanisms such as
+      randomized response: use `epsilon_one_run` there).
 
     Args:
       significance: In (0, 1).
       delta: In (0, 1).
       num_guesses: As in `epsilon_one_run`.
+
+    Returns:
+      The epsilon at `delta` of the largest rejected mu, >= 0.
+
+    References:
+      Mahloujifar, Melis, Chaudhuri, "Auditing f-Differential Privacy in
+      One Run", 2024. arXiv:2410.22235.
     """
     significance = _check_significance(significance)
     if not 0 < delta < 1:
-      raise ValueError(f'delta must be in the open interval (0, 1), got {delta}')
+      raise ValueError(
+          f'delta must be in the open interval (0, 1), got {delta}'
+      )
     total = len(self._in) + len(self._out)
     guesses = self._guesses(num_guesses)
-    alpha = significance / len(guesses)
-    eps_grid = np.concatenate(
-        [np.linspace(0.0, 6.0, 31), np.linspace(7.0, 30.0, 12)]
+    mu = _fdp_one_run.largest_rejected_mu(
+        total,
+        np.array([r for r, _ in guesses]),
+        np.array([correct for _, correct in guesses]),
+        significance / len(guesses),
     )
-    best_mu = 0.0
-    for r, correct in guesses:
-
-      def p_fn(mu, r=r, c=correct):
-        deltas = _bounds.gdp_delta(mu, eps_grid)
-        return float(
-            np.min(_bounds.one_run_p_value(total, r, c, eps_grid, deltas))
-        )
-
-      best_mu = max(
-          best_mu, _bounds.largest_rejected(p_fn, alpha, 20.0, iterations=30)
-      )
-    return _bounds.gdp_epsilon(best_mu, delta)
+    return _bounds.gdp_epsilon(float(np.max(mu)), delta)
 
   def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rates, true positive rates), from (0, 0) to (1, 1)."""

@@ -235,7 +235,8 @@ def test_one_run_bounds_stay_below_gaussian_epsilon():
   assert np.sum(np.array(plain) > true_eps) <= limit
   assert np.sum(np.array(fdp) > true_eps) <= limit
   assert np.median(plain) > 1.0
-  assert np.median(fdp) > 1.0
+  # The f-DP analysis (Mahloujifar et al. 2024) is the tighter one here.
+  assert np.median(fdp) > np.median(plain)
 
 
 def test_attack_metrics_match_brute_force():
