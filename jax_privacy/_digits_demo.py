@@ -1,17 +1,18 @@
 """The demo behind `jax-privacy train`: DP-SGD on scikit-learn's digits.
 
 A small multi-layer perceptron (64 pixels -> 64 tanh units -> 10 classes,
-parameters in a dict) is trained with DP-SGD, assembled from the library's
-building blocks:
+parameters in a dict) is trained with DP-SGD by `training.DPTrainer`:
 
-* `batch_selection.CyclicPoissonSampling` draws the batches: each step, every
-  training example joins independently with probability q = batch_size / n.
-* `clipping.clipped_grad` sums per-example gradients clipped to `clip_norm`
-  and divides by the expected batch size.
-* `noise_addition.gaussian_privatizer`, chained before `optax.sgd`, adds
-  Gaussian noise of stddev noise_multiplier x the sensitivity of that sum.
 * `accounting` calibrates the noise multiplier with the PLD accountant for
   the planned number of steps, and reports the epsilon of the steps run.
+* An `experimental.execution_plan.DpsgdExecutionPlanConfig` with that noise
+  builds the mechanism: Poisson batches (each step, every training example
+  joins independently with probability q = batch_size / n), per-example
+  gradients clipped to `clip_norm` and summed over the expected batch size,
+  and Gaussian noise of stddev noise_multiplier x the sensitivity of that
+  sum, chained before `optax.sgd`.
+* The trainer pads the variable Poisson batches to one compiled size, saves
+  and resumes checkpoints (`checkpoint_dir`), and stops at the plan's end.
 
 Privacy:
   The guarantee covers the trained parameters (and anything computed from
@@ -26,22 +27,22 @@ References:
 """
 
 import dataclasses
+import json
 import math
 import time
 from typing import Callable, Optional
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jax_privacy import batch_selection
-from jax_privacy import clipping
-from jax_privacy import noise_addition
+from jax_privacy import training
 from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 from jax_privacy.accounting import calibrate
+from jax_privacy.experimental import execution_plan
 
 # The split is fixed (not drawn from --seed) so that runs with different seeds
 # are evaluated on the same test examples.
@@ -51,6 +52,8 @@ _HIDDEN_UNITS = 64
 _NUM_CLASSES = 10
 _NUM_FEATURES = 64
 _PAD_MULTIPLE = 32
+_MODEL = 'MLP 64-64-10 (tanh), SGD'
+_PLD_GRID = 1e-3
 
 Params = dict[str, jax.Array]
 
@@ -179,7 +182,7 @@ def make_accountant() -> analysis.DpsgdTrainingAccountant:
   """
   return analysis.DpsgdTrainingAccountant(
       dp_accountant_config=accountants.PldAccountantConfig(
-          value_discretization_interval=1e-3
+          value_discretization_interval=_PLD_GRID
       )
   )
 
@@ -288,10 +291,61 @@ def _accuracy_fn(data: DigitsData) -> Callable[[Params], float]:
   return lambda params: int(num_correct(params)) / data.num_test
 
 
-def _streams(seed: int) -> tuple[jax.Array, jax.Array, np.random.Generator]:
-  """Independent streams for initialization, noise and batch sampling."""
-  init_key, noise_key = jax.random.split(jax.random.key(seed))
-  return init_key, noise_key, np.random.default_rng(seed)
+def _streams(seed: int) -> tuple[jax.Array, int, int]:
+  """Independent seeds for initialization, noise and batch sampling."""
+  init_seed, noise_seed, sampling_seed = (
+      int(s) for s in np.random.SeedSequence(seed).generate_state(3)
+  )
+  return jax.random.key(init_seed), noise_seed, sampling_seed
+
+
+def _physical_batch_size(batch_size: int, num_train: int) -> int:
+  """The compiled batch size: the expected size plus three standard
+  deviations of the Poisson batch size, rounded up to a multiple of
+  _PAD_MULTIPLE. The rare larger batch is processed in two chunks whose
+  clipped sums are added, with the same result."""
+  q = batch_size / num_train
+  largest = batch_size + 3.0 * math.sqrt(batch_size * (1.0 - q))
+  return _PAD_MULTIPLE * math.ceil(largest / _PAD_MULTIPLE)
+
+
+def _example_loss(params: Params, example, key: jax.Array) -> jax.Array:
+  del key  # The model has no randomness of its own (no dropout).
+  features, labels = example
+  return cross_entropy(params, features, labels)
+
+
+def make_trainer(
+    settings: TrainSettings, plan: PrivacyPlan, num_train: int
+) -> training.DPTrainer:
+  """The DP-SGD trainer of a run: the plan's mechanism and SGD.
+
+  Its checkpoints record every setting of the run (through the trainer's
+  `checkpoint_tag`), so a checkpoint is only resumed by the same run.
+  """
+  _, noise_seed, sampling_seed = _streams(settings.seed)
+  config = execution_plan.DpsgdExecutionPlanConfig(
+      iterations=plan.num_steps,
+      num_examples=num_train,
+      expected_batch_size=settings.batch_size,
+      delta=settings.delta,
+      noise_multiplier=plan.noise_multiplier,
+      l2_clip_norm=settings.clip_norm,
+      noise_seed=noise_seed,
+      accountant=accountants.PldAccountantConfig(
+          value_discretization_interval=_PLD_GRID
+      ),
+  )
+  return training.DPTrainer(
+      loss_fn=_example_loss,
+      config=config,
+      optimizer=optax.sgd(settings.learning_rate),
+      sampling_seed=sampling_seed,
+      physical_batch_size=_physical_batch_size(settings.batch_size, num_train),
+      checkpoint_tag=json.dumps(
+          {'model': _MODEL, **dataclasses.asdict(settings)}, sort_keys=True
+      ),
+  )
 
 
 def train_private(
@@ -300,66 +354,68 @@ def train_private(
     plan: PrivacyPlan,
     accountant: analysis.DpsgdTrainingAccountant,
     on_epoch: Optional[Callable[[EpochProgress], None]] = None,
+    *,
+    checkpoint_dir: Optional[str] = None,
+    stop_after_steps: Optional[int] = None,
 ) -> tuple[Params, int]:
-  """Runs DP-SGD as planned; returns the parameters and the steps run."""
-  init_key, noise_key, sampling_rng = _streams(settings.seed)
-  grad_fn = clipping.clipped_grad(
-      cross_entropy,
-      l2_clip_norm=settings.clip_norm,
-      batch_argnums=(1, 2),
-      normalize_by=settings.batch_size,
-  )
-  # Poisson sampling is accounted under add-or-remove-one neighbours, so that
-  # is the relation whose sensitivity the noise must cover.
-  sensitivity = grad_fn.sensitivity(
-      dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-  )
-  optimizer = optax.chain(
-      noise_addition.gaussian_privatizer(
-          stddev=plan.noise_multiplier * sensitivity, prng_key=noise_key
-      ),
-      optax.sgd(settings.learning_rate),
-  )
+  """Runs DP-SGD as planned; returns the parameters and the steps run.
 
-  @jax.jit
-  def train_step(params, opt_state, features, labels, is_padding):
-    grads = grad_fn(params, features, labels, is_padding_example=is_padding)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  Args:
+    data: The digits split.
+    settings: The run's settings.
+    plan: The calibrated plan.
+    accountant: Unused (the trainer accounts with the same PLD grid); kept
+      so that callers can pass the accountant they calibrated with.
+    on_epoch: Called with progress after each epoch.
+    checkpoint_dir: If given, the run continues from the latest checkpoint
+      there (if any) and saves one after every epoch and at the end.
+    stop_after_steps: Run at most this many steps in this call (the rest can
+      be run later from the checkpoint).
 
+  Returns:
+    The parameters and the number of steps run so far, in total.
+  """
+  del accountant
+  init_key, _, _ = _streams(settings.seed)
+  trainer = make_trainer(settings, plan, data.num_train)
   params = init_mlp(init_key)
-  opt_state = optimizer.init(params)
-  accuracy = _accuracy_fn(data)
-  batches = _padded_batches(
-      plan.sampling_prob, plan.num_steps, data.num_train, sampling_rng
+  if checkpoint_dir is None:
+    state = trainer.init(params)
+  else:
+    state = trainer.restore(checkpoint_dir, params)
+  callbacks = []
+  if on_epoch is not None:
+    accuracy = _accuracy_fn(data)
+
+    def report(progress: training.TrainProgress) -> None:
+      if progress.step % plan.steps_per_epoch == 0:
+        on_epoch(
+            EpochProgress(
+                epoch=progress.step // plan.steps_per_epoch,
+                step=progress.step,
+                test_accuracy=accuracy(progress.state.params),
+                epsilon=progress.epsilon,
+            )
+        )
+
+    callbacks.append(report)
+  state = trainer.fit(
+      (data.train_x, data.train_y),
+      state,
+      num_steps=stop_after_steps,
+      callbacks=callbacks,
+      callback_every=plan.steps_per_epoch,
+      checkpoint_dir=checkpoint_dir,
+      checkpoint_every=plan.steps_per_epoch,
   )
-  steps = 0
-  for indices, is_padding in batches:
-    params, opt_state = train_step(
-        params,
-        opt_state,
-        data.train_x[indices],
-        data.train_y[indices],
-        is_padding,
-    )
-    steps += 1
-    if on_epoch is not None and steps % plan.steps_per_epoch == 0:
-      on_epoch(
-          EpochProgress(
-              epoch=steps // plan.steps_per_epoch,
-              step=steps,
-              test_accuracy=accuracy(params),
-              epsilon=accountant.compute_epsilon(steps, plan.dp_params),
-          )
-      )
-  return params, steps
+  return state.params, int(state.step)
 
 
 def train_non_private(
     data: DigitsData, settings: TrainSettings, plan: PrivacyPlan
 ) -> Params:
   """Trains the same model on the same batches without clipping or noise."""
-  init_key, _, sampling_rng = _streams(settings.seed)
+  init_key, _, sampling_seed = _streams(settings.seed)
   optimizer = optax.sgd(settings.learning_rate)
 
   def batch_loss(params, features, labels, is_padding):
@@ -378,7 +434,10 @@ def train_non_private(
   params = init_mlp(init_key)
   opt_state = optimizer.init(params)
   batches = _padded_batches(
-      plan.sampling_prob, plan.num_steps, data.num_train, sampling_rng
+      plan.sampling_prob,
+      plan.num_steps,
+      data.num_train,
+      np.random.default_rng(sampling_seed),
   )
   for indices, is_padding in batches:
     params, opt_state = train_step(
@@ -401,8 +460,12 @@ class DigitsResult:
     target_epsilon: The budget; `epsilon_spent` never exceeds it.
     delta: Delta of the guarantee.
     noise_multiplier: Calibrated noise stddev over the clip norm.
-    steps: DP-SGD steps run.
-    epochs: Epochs run.
+    steps: DP-SGD steps run so far (with a resumed run: in total).
+    planned_steps: Steps of the whole plan; fewer were run only when the run
+      was asked to stop early (to be resumed from its checkpoint).
+    resumed_from_step: The checkpoint's step the run continued from (0 for
+      a fresh run).
+    epochs: Epochs planned.
     expected_batch_size: Expected size of a Poisson batch.
     sampling_prob: Probability q that an example joins a batch.
     clip_norm: Per-example gradient clip norm.
@@ -423,6 +486,8 @@ class DigitsResult:
   delta: float
   noise_multiplier: float
   steps: int
+  planned_steps: int
+  resumed_from_step: int
   epochs: int
   expected_batch_size: int
   sampling_prob: float
@@ -444,6 +509,8 @@ def run(
     compare_non_private: bool = False,
     on_plan: Optional[Callable[[PrivacyPlan], None]] = None,
     on_epoch: Optional[Callable[[EpochProgress], None]] = None,
+    checkpoint_dir: Optional[str] = None,
+    stop_after_steps: Optional[int] = None,
 ) -> DigitsResult:
   """Plans, trains and accounts for one run of the demo.
 
@@ -453,19 +520,39 @@ def run(
     compare_non_private: Also train the model without DP.
     on_plan: Called with the calibrated plan before training.
     on_epoch: Called with progress after each epoch.
+    checkpoint_dir: Save checkpoints there, continuing from the latest one
+      if there is one (it must be of the same settings).
+    stop_after_steps: Run at most this many steps in this call.
 
   Raises:
-    ValueError: If the settings cannot meet the budget.
-    RuntimeError: If the run spent more than the target epsilon (a bug).
+    ValueError: If the settings cannot meet the budget, or the checkpoint
+      in `checkpoint_dir` is of another run.
+    RuntimeError: If the run spent more than the target epsilon, or stopped
+      short of the plan unasked (a bug).
   """
   start = time.perf_counter()
   accountant = make_accountant()
   plan = plan_privacy(settings, data.num_train, accountant)
   if on_plan is not None:
     on_plan(plan)
-  params, steps = train_private(data, settings, plan, accountant, on_epoch)
+  resumed_from = 0
+  if checkpoint_dir is not None:
+    latest = training.DPTrainer.latest_checkpoint_step(checkpoint_dir)
+    resumed_from = latest or 0
+  params, steps = train_private(
+      data,
+      settings,
+      plan,
+      accountant,
+      on_epoch,
+      checkpoint_dir=checkpoint_dir,
+      stop_after_steps=stop_after_steps,
+  )
   epsilon_spent = accountant.compute_epsilon(steps, plan.dp_params)
-  if steps != plan.num_steps or epsilon_spent > settings.target_epsilon:
+  stopped_early = stop_after_steps is not None and steps < plan.num_steps
+  if (
+      steps != plan.num_steps and not stopped_early
+  ) or epsilon_spent > settings.target_epsilon:
     raise RuntimeError(
         f'The run took {steps} of {plan.num_steps} planned steps and spent'
         f' epsilon={epsilon_spent} against a target of'
@@ -483,6 +570,8 @@ def run(
       delta=settings.delta,
       noise_multiplier=plan.noise_multiplier,
       steps=steps,
+      planned_steps=plan.num_steps,
+      resumed_from_step=resumed_from,
       epochs=settings.epochs,
       expected_batch_size=settings.batch_size,
       sampling_prob=plan.sampling_prob,

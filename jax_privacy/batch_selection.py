@@ -456,6 +456,14 @@ class BMinSepSampling(BatchSelectionStrategy):
       self, num_examples: int, rng: _RngLike = None
   ) -> Iterator[np.ndarray]:
     _check_integer('num_examples', num_examples, minimum=1)
+    if num_examples < self.min_sep:
+      raise ValueError(
+          f'num_examples must be >= min_sep ({self.min_sep}), got '
+          f'{num_examples}: an example takes part at most once in any '
+          'min_sep consecutive steps, so with fewer examples some of those '
+          'batches are always empty (steps of pure noise); use a smaller '
+          'min_sep or more data'
+      )
     return self._batches(int(num_examples), _as_generator(rng))
 
   def _initial_waiting(self, num_examples, rng) -> list[np.ndarray]:

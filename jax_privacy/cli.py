@@ -10,15 +10,24 @@ Commands:
 Run `jax-privacy COMMAND --help` for a command's options. Bad options exit
 with status 2 and a message naming the option and its accepted range, before
 any JAX computation starts.
+
+`train --config FILE` reads its options from a JSON or TOML file whose keys
+are the option names (`batch_size` or `batch-size`); options given on the
+command line override the file. `train --checkpoint-dir DIR` saves the run
+after every epoch; `train --checkpoint-dir DIR --resume` continues it, and
+refuses a directory holding no run or a run with other settings.
 """
 
 import argparse
 import dataclasses
 import json
 import math
+import os
+import pathlib
 import sys
+import tomllib
 from collections.abc import Sequence
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from jax_privacy import cli_accounting
 from jax_privacy import cli_audit
@@ -128,7 +137,109 @@ def _add_train_command(commands) -> None:
       action='store_true',
       help='print the result as JSON on stdout (progress goes to stderr)',
   )
+  parser.add_argument(
+      '--checkpoint-dir',
+      metavar='DIR',
+      help=(
+          'save the run (parameters, optimizer and noise state, step) in DIR'
+          ' after every epoch and at the end; DIR must be new or empty'
+          ' unless --resume is given'
+      ),
+  )
+  parser.add_argument(
+      '--resume',
+      action='store_true',
+      help=(
+          'continue the run saved in --checkpoint-dir, which must have the'
+          ' same settings; the result equals that of an uninterrupted run'
+      ),
+  )
+  parser.add_argument(
+      '--stop-after-steps',
+      type=_positive_int,
+      metavar='N',
+      help=(
+          'stop after N steps of this invocation (continue later with'
+          ' --resume)'
+      ),
+  )
+  parser.add_argument(
+      '--config',
+      metavar='FILE',
+      help=(
+          'read options from a JSON (.json) or TOML (.toml) file whose keys'
+          ' are these option names; options on the command line override it'
+      ),
+  )
   parser.set_defaults(run_command=_train, command_parser=parser)
+
+
+class _ConfigError(ValueError):
+  """A --config file that cannot be used, with the reason."""
+
+
+def _read_config(path: str) -> dict[str, Any]:
+  """The table of options in a .json or .toml file."""
+  kind = pathlib.Path(path).suffix.lower()
+  if kind not in ('.json', '.toml'):
+    raise _ConfigError(f'{path} must be a .json or .toml file')
+  try:
+    with open(path, 'rb') as file:
+      content = tomllib.load(file) if kind == '.toml' else json.load(file)
+  except OSError as error:
+    raise _ConfigError(f'cannot read {path}: {error.strerror}') from error
+  except (ValueError, tomllib.TOMLDecodeError) as error:
+    raise _ConfigError(
+        f'{path} is not valid {kind[1:].upper()}: {error}'
+    ) from error
+  if not isinstance(content, dict):
+    raise _ConfigError(
+        f'{path} must hold a table of options such as {{"epsilon": 3.0}},'
+        f' got a {type(content).__name__}'
+    )
+  return content
+
+
+def _config_value(key: str, value: Any, action: argparse.Action) -> Any:
+  """`value` checked as the option of `action` would check it."""
+  if action.nargs == 0:
+    if not isinstance(value, bool):
+      raise _ConfigError(f'{key} must be true or false, got {value!r}')
+    return value
+  if action.type is None:
+    if not isinstance(value, str) or not value:
+      raise _ConfigError(f'{key} must be a non-empty string, got {value!r}')
+    return value
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise _ConfigError(f'{key} must be a number, got {value!r}')
+  try:
+    return action.type(repr(value))
+  except argparse.ArgumentTypeError as error:
+    raise _ConfigError(f'{key} {error}') from error
+
+
+def _config_defaults(
+    parser: argparse.ArgumentParser, path: str
+) -> dict[str, Any]:
+  """The options of a --config file, checked, keyed by their dest."""
+  actions = {
+      action.dest: action
+      # argparse offers no public list of a parser's options.
+      for action in parser._actions  # pylint: disable=protected-access
+      if action.option_strings and action.dest not in ('help', 'config')
+  }
+  values = {}
+  for key, value in _read_config(path).items():
+    dest = key.replace('-', '_')
+    if dest not in actions:
+      raise _ConfigError(
+          f'{path}: unknown key {key!r}; the keys are the options of'
+          f' `jax-privacy train`: {", ".join(sorted(actions))}'
+      )
+    if dest in values:
+      raise _ConfigError(f'{path}: {dest} is given twice')
+    values[dest] = _config_value(f'{path}: {key}', value, actions[dest])
+  return values
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -190,7 +301,7 @@ def _print_summary(result: _digits_demo.DigitsResult, out: TextIO) -> None:
       ),
       ('delta', f'{result.delta:g}'),
       ('noise multiplier', f'{result.noise_multiplier:.4f}'),
-      ('steps', f'{result.steps} ({result.epochs} epochs)'),
+      ('steps', _steps_summary(result)),
       (
           'batch size',
           f'{result.expected_batch_size} expected of'
@@ -206,6 +317,63 @@ def _print_summary(result: _digits_demo.DigitsResult, out: TextIO) -> None:
   print('Result', file=out)
   for name, value in rows:
     print(f'  {name:<{width}}  {value}', file=out)
+
+
+def _steps_summary(result: _digits_demo.DigitsResult) -> str:
+  summary = f'{result.steps} ({result.epochs} epochs)'
+  if result.steps < result.planned_steps:
+    summary = (
+        f'{result.steps} of {result.planned_steps} planned (stopped by'
+        ' --stop-after-steps)'
+    )
+  if result.resumed_from_step:
+    summary += f', resumed from step {result.resumed_from_step}'
+  return summary
+
+
+# A run directory holds the settings of its run in this file, next to the
+# trainer's checkpoints in _CHECKPOINTS.
+_RUN_SETTINGS = 'train_settings.json'
+_CHECKPOINTS = 'checkpoints'
+
+
+def _checkpoint_problem(
+    directory: str, resume: bool, settings: _digits_demo.TrainSettings
+) -> Optional[str]:
+  """Why `directory` cannot be used for this run, or None if it can."""
+  settings_file = os.path.join(directory, _RUN_SETTINGS)
+  if not resume:
+    if os.path.exists(directory) and (
+        not os.path.isdir(directory) or os.listdir(directory)
+    ):
+      return (
+          f'argument --checkpoint-dir: {directory} is not an empty directory;'
+          ' continue the run saved there with --resume, or choose a new'
+          ' directory'
+      )
+    return None
+  if not os.path.isfile(settings_file):
+    return (
+        f'argument --resume: {directory} holds no `jax-privacy train` run to'
+        f' resume (no {_RUN_SETTINGS}); start one with --checkpoint-dir'
+        ' without --resume'
+    )
+  with open(settings_file) as file:
+    saved = json.load(file)
+  here = dataclasses.asdict(settings)
+  differences = [
+      f'{name} {saved.get(name)!r} there, {here.get(name)!r} here'
+      for name in sorted(set(saved) | set(here))
+      if saved.get(name) != here.get(name)
+  ]
+  if differences:
+    return (
+        f'argument --resume: the run in {directory} has other settings ('
+        + '; '.join(differences)
+        + '); resume it with its own settings, or start a new run in another'
+        ' --checkpoint-dir'
+    )
+  return None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -224,6 +392,11 @@ def _train(args: argparse.Namespace) -> int:
         f' {data.num_train}] (the number of training examples), got'
         f' {args.batch_size}'
     )
+  if args.resume and args.checkpoint_dir is None:
+    args.command_parser.error(
+        'argument --resume: needs --checkpoint-dir, the directory of the run'
+        ' to continue'
+    )
   settings = _digits_demo.TrainSettings(
       target_epsilon=args.epsilon,
       delta=args.delta,
@@ -233,6 +406,26 @@ def _train(args: argparse.Namespace) -> int:
       learning_rate=args.learning_rate,
       seed=args.seed,
   )
+  checkpoints = None
+  if args.checkpoint_dir is not None:
+    try:
+      # pylint: disable-next=g-import-not-at-top,unused-import
+      import orbax.checkpoint
+    except ImportError as error:
+      print(
+          f'jax-privacy train: {error}. --checkpoint-dir needs'
+          " orbax-checkpoint: pip install 'jax-privacy[checkpoint]'",
+          file=sys.stderr,
+      )
+      return 1
+    problem = _checkpoint_problem(args.checkpoint_dir, args.resume, settings)
+    if problem is not None:
+      args.command_parser.error(problem)
+    if not args.resume:
+      os.makedirs(args.checkpoint_dir, exist_ok=True)
+      with open(os.path.join(args.checkpoint_dir, _RUN_SETTINGS), 'w') as file:
+        json.dump(dataclasses.asdict(settings), file, indent=2)
+    checkpoints = os.path.join(args.checkpoint_dir, _CHECKPOINTS)
   progress_out = sys.stderr if args.json else sys.stdout
   print(
       f'DP-SGD on digits: {data.num_train} training / {data.num_test} test'
@@ -240,13 +433,26 @@ def _train(args: argparse.Namespace) -> int:
       file=progress_out,
       flush=True,
   )
-  result = _digits_demo.run(
-      data,
-      settings,
-      compare_non_private=args.compare_non_private,
-      on_plan=lambda plan: _print_plan(plan, settings, progress_out),
-      on_epoch=lambda p: _print_progress(p, settings.epochs, progress_out),
-  )
+  if args.resume:
+    step = _digits_demo.training.DPTrainer.latest_checkpoint_step(checkpoints)
+    print(
+        f'Resuming the run in {args.checkpoint_dir} from step {step or 0}.',
+        file=progress_out,
+        flush=True,
+    )
+  try:
+    result = _digits_demo.run(
+        data,
+        settings,
+        compare_non_private=args.compare_non_private,
+        on_plan=lambda plan: _print_plan(plan, settings, progress_out),
+        on_epoch=lambda p: _print_progress(p, settings.epochs, progress_out),
+        checkpoint_dir=checkpoints,
+        stop_after_steps=args.stop_after_steps,
+    )
+  except ValueError as error:
+    print(f'jax-privacy train: {error}', file=sys.stderr)
+    return 1
   if args.json:
     print(json.dumps(dataclasses.asdict(result), indent=2))
   else:
@@ -264,7 +470,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0 on success. Invalid options raise `SystemExit(2)` (argparse's
     convention) after printing the reason to stderr.
   """
-  args = _build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = _build_parser()
+  args = parser.parse_args(argv)
+  if args.run_command is _train and args.config is not None:
+    train_parser = args.command_parser
+    try:
+      defaults = _config_defaults(train_parser, args.config)
+    except _ConfigError as error:
+      train_parser.error(f'argument --config: {error}')
+    # The file's values become the defaults, so that options given on the
+    # command line still win.
+    train_parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
   return args.run_command(args)
 
 

@@ -18,7 +18,10 @@ logical batch, and applies any optax optimizer::
 
 ``loss_fn(params, example, key)`` is the loss of ONE example (every leaf of
 ``example`` has a leading axis of size 1); ``key`` is a per-example PRNG key
-(for dropout, say), independent of the noise.
+(for dropout, say), independent of the noise. The data is a pytree of arrays
+(in memory or memory-mapped ``.npy``) or a random-access source such as a
+``grain.MapDataset``; the sampler's indices decide what is read. The guide
+is ``docs/training.md``.
 
 Privacy:
   The run is the plan's mechanism: Poisson sampling with ``q =
@@ -34,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import os
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_privacy import _training_data
 from jax_privacy.experimental import execution_plan
 
 PyTree = Any
@@ -102,6 +107,14 @@ class DPTrainer:
       (``auditing.canaries.canary_gradient_sum``): each canary must have
       norm at most the clip norm and take part in steps like an example of
       the data set, or the accounting does not cover it.
+    mesh: a ``jax.sharding.Mesh``; each physical batch is split over its
+      ``batch_axis`` (data parallelism). Same result as one device, to
+      float tolerance.
+    batch_axis: the mesh axis the examples are split over.
+    checkpoint_tag: a string describing what the plan does not (model,
+      optimizer, learning rate, ...). It is stored with each checkpoint, and
+      a checkpoint is only resumed by a trainer with the same tag, so that a
+      run is never continued under other settings.
 
   Raises:
     ValueError: on a bad ``physical_batch_size`` or seed.
@@ -119,6 +132,7 @@ class DPTrainer:
       extra_gradients_fn: Callable[[int], PyTree | None] | None = None,
       mesh: jax.sharding.Mesh | None = None,
       batch_axis: str = 'batch',
+      checkpoint_tag: str = '',
   ):
     for name, value in (
         ('sampling_seed', sampling_seed),
@@ -126,6 +140,10 @@ class DPTrainer:
     ):
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f'{name} must be an int, got {value!r}')
+    if not isinstance(checkpoint_tag, str):
+      raise ValueError(
+          f'checkpoint_tag must be a str, got {type(checkpoint_tag).__name__}'
+      )
     if physical_batch_size is None:
       physical_batch_size = -(-config.expected_batch_size // 8) * 8
     if (
@@ -164,6 +182,7 @@ class DPTrainer:
     self.plan = config.plan
     self.physical_batch_size = int(physical_batch_size)
     self._sampling_seed = int(sampling_seed)
+    self._checkpoint_tag = checkpoint_tag
     self._extra_gradients_fn = extra_gradients_fn
     self._example_key = jax.random.key(example_key_seed)
     self._grad_fn = self.plan.clipped_grad(
@@ -231,9 +250,12 @@ class DPTrainer:
 
     Args:
       dataset: a pytree of arrays (NumPy or JAX) whose leaves share a leading
-        axis of ``config.num_examples`` examples. Memory-mapped NumPy files
-        (``np.load(path, mmap_mode='r')``) are read batch by batch: only the
-        sampled rows are touched.
+        axis of ``config.num_examples`` examples, or a random-access source
+        of that many records (anything with ``__len__`` and
+        ``__getitem__``, e.g. a ``grain.MapDataset``), each record a pytree
+        of arrays without the example axis. Only the sampled examples are
+        read: rows of memory-mapped NumPy files (``np.load(path,
+        mmap_mode='r')``), one ``source[i]`` per record of a source.
       state: from :meth:`init`, or a restored state: the run continues at
         ``state.step`` with the batches and noise the uninterrupted run would
         have used.
@@ -252,19 +274,11 @@ class DPTrainer:
 
     Raises:
       ValueError: if the dataset's size differs from the plan's
-        ``num_examples`` or a leaf lacks the example axis.
+        ``num_examples``, a leaf lacks the example axis, a step count is
+        invalid, or ``checkpoint_dir`` holds another run's checkpoints.
     """
     num_examples = self.config.num_examples
-    leaves = jax.tree_util.tree_leaves(dataset)
-    if not leaves or any(
-        np.ndim(leaf) == 0 or np.shape(leaf)[0] != num_examples
-        for leaf in leaves
-    ):
-      raise ValueError(
-          'dataset leaves must all have a leading axis of num_examples='
-          f'{num_examples}, got shapes '
-          f'{[np.shape(leaf) for leaf in leaves]}'
-      )
+    read = _training_data.batch_reader(dataset, num_examples)
     for name, value in (
         ('callback_every', callback_every),
         ('checkpoint_every', checkpoint_every),
@@ -275,6 +289,14 @@ class DPTrainer:
           or value < 1
       ):
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    if num_steps is not None and (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, numbers.Integral)
+        or num_steps < 0
+    ):
+      raise ValueError(
+          f'num_steps must be None or an integer >= 0, got {num_steps!r}'
+      )
     if checkpoint_dir is not None:
       self._check_checkpoints_are_ours(checkpoint_dir)
     start = int(state.step)
@@ -285,8 +307,9 @@ class DPTrainer:
           'run stops at the end of the plan, within its privacy budget',
           num_steps, remaining, self.config.iterations,
       )
-    end = start + (remaining if num_steps is None else min(num_steps, remaining))
-    host_data = jax.tree_util.tree_map(np.asarray, dataset)
+    if num_steps is not None:
+      remaining = min(num_steps, remaining)
+    end = start + remaining
     batches = self.plan.batch_selection_strategy.batch_iterator(
         num_examples, rng=np.random.default_rng(self._sampling_seed)
     )
@@ -295,7 +318,7 @@ class DPTrainer:
         continue  # The batches of steps already run, replayed and skipped.
       if step >= end:
         break
-      state = self._run_step(state, host_data, indices, step)
+      state = self._run_step(state, read, indices, step)
       done = step + 1
       if checkpoint_dir is not None and (
           done % checkpoint_every == 0 or done == end
@@ -311,9 +334,12 @@ class DPTrainer:
 
   def _fingerprint(self) -> str:
     """What a checkpoint must have been trained with to be resumed here."""
-    return repr(
-        (self.config, self._sampling_seed, self.physical_batch_size)
-    )
+    return repr((
+        self.config,
+        self._sampling_seed,
+        self.physical_batch_size,
+        self._checkpoint_tag,
+    ))
 
   def _check_checkpoints_are_ours(self, directory: str) -> None:
     """Refuses a directory holding another run's checkpoints (before any
@@ -328,8 +354,9 @@ class DPTrainer:
       )['meta']
     if meta['fingerprint'] != self._fingerprint():
       raise ValueError(
-          f'{directory} holds checkpoints of a run with other privacy or '
-          'sampling settings; use another checkpoint_dir. Saved: '
+          f'{directory} holds checkpoints of a run with other privacy, '
+          'sampling or run settings (checkpoint_tag); use another '
+          'checkpoint_dir. Saved: '
           f"{meta['fingerprint']}; here: {self._fingerprint()}"
       )
 
@@ -356,6 +383,15 @@ class DPTrainer:
       )
       manager.wait_until_finished()
 
+  @staticmethod
+  def latest_checkpoint_step(directory: str) -> int | None:
+    """The step of the newest checkpoint under ``directory``, or None."""
+    if not os.path.isdir(directory):
+      return None
+    ocp = _orbax()
+    with ocp.CheckpointManager(directory) as manager:
+      return manager.latest_step()
+
   def restore(self, directory: str, params: PyTree) -> TrainState:
     """The latest state saved under ``directory``, or ``init(params)``.
 
@@ -373,7 +409,7 @@ class DPTrainer:
 
     Raises:
       ValueError: if the checkpoint was written under a different plan,
-        sampling seed or physical batch size.
+        sampling seed, physical batch size or ``checkpoint_tag``.
     """
     ocp = _orbax()
     template = self.init(params)
@@ -391,27 +427,24 @@ class DPTrainer:
     if restored['meta']['fingerprint'] != self._fingerprint():
       raise ValueError(
           f'the checkpoint in {directory} was written by a run with other '
-          'privacy or sampling settings; resuming it here would misreport '
-          'the privacy spent. Saved: '
+          'privacy, sampling or run settings (checkpoint_tag); resuming it '
+          'here would misreport the privacy spent. Saved: '
           f"{restored['meta']['fingerprint']}; here: {self._fingerprint()}"
       )
     return _rewrap_keys(restored['state'], template)
 
-  def _run_step(self, state, host_data, indices, step) -> TrainState:
+  def _run_step(self, state, read, indices, step) -> TrainState:
     size = self.physical_batch_size
-    num_chunks = max(1, -(-len(indices) // size))
-    padded = np.full(num_chunks * size, -1, np.int64)
-    padded[: len(indices)] = indices
     total = jax.tree_util.tree_map(
         lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
         state.params,
     )
     step_key = self._step_key(step)
-    for chunk in range(num_chunks):
-      chunk_indices = padded[chunk * size : (chunk + 1) * size]
-      is_padding = chunk_indices < 0
-      gather = np.where(is_padding, 0, chunk_indices)
-      batch = jax.tree_util.tree_map(lambda a: a[gather], host_data)
+    # An empty batch sums to exactly zero: nothing is read or computed.
+    for chunk in range(-(-len(indices) // size)):
+      chunk_indices = indices[chunk * size : (chunk + 1) * size]
+      batch = _training_data.pad_batch(read(chunk_indices), size)
+      is_padding = np.arange(size) >= len(chunk_indices)
       if self._batch_sharding is not None:
         batch, is_padding = jax.device_put(
             (batch, is_padding), self._batch_sharding

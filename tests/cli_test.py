@@ -3,10 +3,12 @@
 The `train` command is run in-process through `cli.main`. The full default
 run (the demo's claim: >= 85% test accuracy at epsilon <= 3, delta = 1e-5)
 takes about 10 s on two cores, so it is part of the default suite; the
-check over several seeds is marked slow.
+check over several seeds is marked slow. Checkpoint and resume are tested in
+training_cli_resume_test.py.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -17,7 +19,9 @@ import numpy as np
 import pytest
 
 from jax_privacy import _digits_demo
+from jax_privacy import batch_selection
 from jax_privacy import cli
+from jax_privacy import training
 
 _NUM_TRAIN = 1437
 _RESULT_KEYS = {
@@ -27,6 +31,8 @@ _RESULT_KEYS = {
     'delta',
     'noise_multiplier',
     'steps',
+    'planned_steps',
+    'resumed_from_step',
     'epochs',
     'expected_batch_size',
     'sampling_prob',
@@ -143,31 +149,36 @@ def test_short_run_prints_a_readable_summary():
 
 
 def test_mechanism_is_the_one_accounted_for(monkeypatch):
-  """The sampler, clip norm and noise stddev agree with the accountant."""
-  calls = {}
+  """The trainer runs the plan the accountant was given: same sampling
+  probability, steps, clip norm and noise multiplier."""
+  trainers = []
 
-  def spy(module, name):
-    original = getattr(module, name)
+  class SpyTrainer(training.DPTrainer):
 
-    def record(*args, **kwargs):
-      calls[name] = kwargs
-      return original(*args, **kwargs)
+    def __init__(self, **kwargs):
+      super().__init__(**kwargs)
+      trainers.append(self)
 
-    monkeypatch.setattr(module, name, record)
-
-  spy(_digits_demo.batch_selection, 'CyclicPoissonSampling')
-  spy(_digits_demo.clipping, 'clipped_grad')
-  spy(_digits_demo.noise_addition, 'gaussian_privatizer')
+  monkeypatch.setattr(training, 'DPTrainer', SpyTrainer)
   result, _ = _run_json(
       'train', '--epochs', '1', '--batch-size', '64', '--clip-norm', '0.5'
   )
-  sampler = calls['CyclicPoissonSampling']
-  assert sampler == {'sampling_prob': 64 / _NUM_TRAIN, 'iterations': 22}
-  assert result['steps'] == 22
-  assert calls['clipped_grad']['l2_clip_norm'] == 0.5
-  assert calls['clipped_grad']['normalize_by'] == 64
-  assert calls['gaussian_privatizer']['stddev'] == pytest.approx(
-      result['noise_multiplier'] * 0.5 / 64
+  (trainer,) = trainers
+  config = trainer.config
+  assert config.sampling_prob == 64 / _NUM_TRAIN
+  assert config.iterations == result['steps'] == 22
+  assert config.expected_batch_size == 64
+  assert config.l2_clip_norm == 0.5
+  assert config.calibrated_noise_multiplier == result['noise_multiplier']
+  # Noise stddev = sigma x the sensitivity of the clipped sum over 64.
+  assert config.sensitivity == 0.5 / 64
+  assert trainer.plan.batch_selection_strategy == (
+      batch_selection.CyclicPoissonSampling(
+          sampling_prob=64 / _NUM_TRAIN, iterations=22
+      )
+  )
+  assert config.epsilon_after(22) == pytest.approx(
+      result['epsilon_spent'], abs=1e-9
   )
   assert result['epsilon_spent'] <= 3.0
 
@@ -213,6 +224,8 @@ def test_padded_batches_keep_the_poisson_batches():
         ('--batch-size', '0', 'integer >= 1'),
         ('--batch-size', str(_NUM_TRAIN + 1), f'[1, {_NUM_TRAIN}]'),
         ('--seed', '-1', 'integer >= 0'),
+        ('--stop-after-steps', '0', 'integer >= 1'),
+        ('--stop-after-steps', '2.5', 'integer >= 1'),
     ],
 )
 def test_bad_option_exits_2_naming_it_before_training(
@@ -262,8 +275,133 @@ def test_train_help_lists_every_option(capsys):
       '--seed',
       '--compare-non-private',
       '--json',
+      '--checkpoint-dir',
+      '--resume',
+      '--stop-after-steps',
+      '--config',
   ):
     assert option in help_text
+
+
+class _Captured(Exception):
+  pass
+
+
+def _captured_options(monkeypatch, *argv: str) -> dict:
+  """The settings and options `train ARGV` would run with (no training)."""
+
+  def capture(data, settings, **options):
+    raise _Captured({**dataclasses.asdict(settings), **options})
+
+  monkeypatch.setattr(_digits_demo, 'run', capture)
+  with pytest.raises(_Captured) as captured:
+    cli.main(['train', *argv])
+  return captured.value.args[0]
+
+
+_CONFIG_TEXT = {
+    '.json': (
+        '{"epochs": 3, "batch-size": 64, "learning_rate": 0.5, "seed": 4,'
+        ' "delta": 1e-6, "compare_non_private": true}'
+    ),
+    '.toml': (
+        'epochs = 3\nbatch-size = 64\nlearning_rate = 0.5\nseed = 4\n'
+        'delta = 1e-6\ncompare_non_private = true\n'
+    ),
+}
+
+
+@pytest.mark.parametrize('suffix', ['.json', '.toml'])
+def test_config_file_sets_options_and_flags_override_it(
+    monkeypatch, tmp_path, suffix
+):
+  path = tmp_path / f'run{suffix}'
+  path.write_text(_CONFIG_TEXT[suffix])
+  options = _captured_options(
+      monkeypatch, '--epochs', '5', '--config', str(path), '--seed', '0'
+  )
+  assert options['epochs'] == 5  # the command line wins, before or after
+  assert options['seed'] == 0
+  assert options['batch_size'] == 64  # from the file
+  assert options['learning_rate'] == 0.5
+  assert options['delta'] == 1e-6
+  assert options['compare_non_private'] is True
+  defaults = _digits_demo.TrainSettings()
+  assert options['target_epsilon'] == defaults.target_epsilon
+  without_file = _captured_options(monkeypatch, '--epochs', '5')
+  assert without_file['batch_size'] == 128
+  assert without_file['compare_non_private'] is False
+
+
+def test_config_file_runs_the_same_training_as_flags(tmp_path):
+  path = tmp_path / 'run.toml'
+  path.write_text('epochs = 1\nbatch_size = 256\nseed = 5\n')
+  from_file, _ = _run_json('train', '--config', str(path))
+  from_flags, _ = _run_json(
+      'train', '--epochs', '1', '--batch-size', '256', '--seed', '5'
+  )
+  del from_file['wall_time_seconds'], from_flags['wall_time_seconds']
+  assert from_file == from_flags
+  assert from_file['steps'] == round(_NUM_TRAIN / 256)
+
+
+@pytest.mark.parametrize(
+    'name, text, expected',
+    [
+        ('a.json', '{"epsilom": 3}', "unknown key 'epsilom'"),
+        ('a.json', '{"config": "b.json"}', "unknown key 'config'"),
+        ('a.json', '{"epsilon": -1}', 'epsilon must be a number in (0, 100]'),
+        ('a.toml', 'delta = 1.0', 'delta must be a number in the open'),
+        ('a.json', '{"epochs": 2.5}', 'epochs must be an integer >= 1'),
+        ('a.json', '{"epochs": "3"}', 'epochs must be a number'),
+        ('a.json', '{"seed": true}', 'seed must be a number'),
+        ('a.json', '{"json": 1}', 'json must be true or false'),
+        ('a.json', '{"checkpoint_dir": 3}', 'must be a non-empty string'),
+        ('a.json', '{"batch-size": 8, "batch_size": 8}', 'given twice'),
+        ('a.json', '[1, 2]', 'must hold a table of options'),
+        ('a.json', '{"epochs": 3', 'is not valid JSON'),
+        ('a.toml', 'epochs = ', 'is not valid TOML'),
+        ('a.yaml', 'epochs: 3', 'must be a .json or .toml file'),
+    ],
+)
+def test_bad_config_exits_2_with_the_reason_before_training(
+    monkeypatch, capsys, tmp_path, name, text, expected
+):
+  def must_not_train(*args, **kwargs):
+    raise AssertionError('training started despite a bad config')
+
+  monkeypatch.setattr(_digits_demo, 'run', must_not_train)
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['train', '--config', str(path)])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert 'argument --config:' in error
+  assert expected in error
+  assert str(path) in error
+
+
+def test_missing_config_file_exits_2(capsys, tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['train', '--config', str(tmp_path / 'missing.json')])
+  assert exit_info.value.code == 2
+  assert 'cannot read' in capsys.readouterr().err
+
+
+def test_config_batch_size_beyond_the_data_is_refused(
+    monkeypatch, capsys, tmp_path
+):
+  def must_not_train(*args, **kwargs):
+    raise AssertionError('training started despite a bad config')
+
+  monkeypatch.setattr(_digits_demo, 'run', must_not_train)
+  path = tmp_path / 'run.json'
+  path.write_text(json.dumps({'batch_size': _NUM_TRAIN + 1}))
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['train', '--config', str(path)])
+  assert exit_info.value.code == 2
+  assert f'[1, {_NUM_TRAIN}]' in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -163,6 +163,9 @@ def test_bad_input():
     )
   with pytest.raises(ValueError, match='callback_every'):
     trainer.fit((x, y), trainer.init(_params()), callback_every=0)
+  for bad in (-1, 2.5, True):
+    with pytest.raises(ValueError, match='num_steps'):
+      trainer.fit((x, y), trainer.init(_params()), num_steps=bad)
 
 
 @pytest.mark.parametrize(
@@ -288,3 +291,24 @@ def test_fit_reads_memory_mapped_numpy_files(tmp_path):
   jax.tree_util.tree_map(
       np.testing.assert_array_equal, from_files.params, in_memory.params
   )
+
+
+def test_checkpoint_tag_guards_settings_the_plan_does_not_cover(tmp_path):
+  x, y = _data()
+  directory = str(tmp_path / 'run')
+  assert training.DPTrainer.latest_checkpoint_step(directory) is None
+  assert not (tmp_path / 'run').exists()
+  trainer = _trainer(checkpoint_tag='sgd lr=0.5')
+  trainer.fit(
+      (x, y), trainer.init(_params()), num_steps=2, checkpoint_dir=directory
+  )
+  assert training.DPTrainer.latest_checkpoint_step(directory) == 2
+  other = _trainer(checkpoint_tag='sgd lr=0.1')
+  with pytest.raises(ValueError, match='checkpoint_tag'):
+    other.restore(directory, _params())
+  with pytest.raises(ValueError, match='checkpoint_tag'):
+    other.fit((x, y), other.init(_params()), checkpoint_dir=directory)
+  same = _trainer(checkpoint_tag='sgd lr=0.5')
+  assert int(same.restore(directory, _params()).step) == 2
+  with pytest.raises(ValueError, match='checkpoint_tag must be a str'):
+    _trainer(checkpoint_tag=3)
