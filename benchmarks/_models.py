@@ -155,6 +155,25 @@ def transformer(batch_size, vocab=1000, d=128, seq=64, heads=4, layers=2):
 BUILDERS = {'mlp': mlp, 'cnn': cnn, 'transformer': transformer}
 
 
+def own_peak_rss_mb():
+  """This process's own peak resident memory in MB (``VmHWM``).
+
+  ``ru_maxrss`` of a child also counts its parent's memory at fork time
+  (Linux keeps the high-water mark across ``exec``), so a child started by
+  a large process would report the parent's size. ``VmHWM`` is the
+  high-water mark of the memory map made at ``exec``: the child's own.
+  Returns None where /proc is not available.
+  """
+  try:
+    with open('/proc/self/status', encoding='ascii') as status:
+      for line in status:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    return None
+  return None
+
+
 def time_loop(step, steps, warmup, max_seconds, min_steps=3):
   """Times ``step()`` (which must block until its result is ready).
 

@@ -64,6 +64,7 @@ def main():
   result = _models.jax_step_result(
       step, params, state, x, y, args.steps, args.warmup, args.max_seconds
   )
+  result['own_peak_rss_mb'] = _models.own_peak_rss_mb()
   result['versions'] = {
       'jax': jax.__version__,
       'jax_privacy': getattr(jax_privacy, '__version__', '?'),

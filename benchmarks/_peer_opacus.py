@@ -195,6 +195,7 @@ def main():
       step, args.steps, args.warmup, args.max_seconds
   )
   result['compile_s'] = None
+  result['own_peak_rss_mb'] = _models.own_peak_rss_mb()
   result['versions'] = versions
   print(json.dumps(result))
 

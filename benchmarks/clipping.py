@@ -168,7 +168,10 @@ def _clean_env():
 def run_child(command, env=None, timeout=1800.0):
   """Runs ``command``; returns (returncode, stdout, stderr, peak RSS MB).
 
-  The peak RSS is the child's own ``ru_maxrss``, read with ``os.wait4``.
+  The peak RSS is the child's ``ru_maxrss``, read with ``os.wait4``. On
+  Linux it is at least the parent's RSS at fork time, so the children also
+  report their own high-water mark (``_models.own_peak_rss_mb``), which
+  `run` prefers.
   """
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile(
       'w+'
@@ -262,6 +265,7 @@ def _child(config, model, batch_size, steps, warmup, max_seconds):
   result = _models.jax_step_result(
       step, params, state, x, y, steps, warmup, max_seconds
   )
+  result['own_peak_rss_mb'] = _models.own_peak_rss_mb()
   result['versions'] = {'jax': jax.__version__}
   if records:
     result['log'] = records
@@ -304,7 +308,9 @@ def run_model(model, batch_size, configs, args):
         failed.append(config)
         continue
       result = json.loads(out.strip().splitlines()[-1])
-      result['peak_rss_mb'] = rss
+      # The child's own high-water mark; ru_maxrss of a child also counts
+      # this (parent) process's memory at fork time.
+      result['peak_rss_mb'] = result.pop('own_peak_rss_mb', None) or rss
       result['wall_s'] = wall
       print(
           f"{model} {config}: {result['median_ms']:.1f} ms/step "
