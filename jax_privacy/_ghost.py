@@ -14,8 +14,9 @@ per-example gradient stored and no second backward pass.
 How it works on an arbitrary JAX loss (no layer objects needed):
 
 1. The loss of one example is traced to a jaxpr. Every parameter leaf whose
-   only use (after inlining ``jit`` calls) is as the weight of a supported
-   primitive is *tapped*; every other leaf is *materialised*.
+   only use (after inlining ``jit`` calls, and through reshapes, transposes
+   and float casts, as in mixed-precision layers) is as the weight of a
+   supported primitive is *tapped*; every other leaf is *materialised*.
 2. The jaxpr is re-evaluated per example under ``vmap`` by a small
    interpreter that records each tapped primitive's input and adds a zero
    perturbation to its output. One backward pass of the summed loss then
@@ -27,15 +28,26 @@ How it works on an arbitrary JAX loss (no layer objects needed):
    single position, the ghost norm ``<a a^T, g g^T>`` when
    ``positions * (in + out) <= in * out``, else the per-example gradient
    ``a^T g`` of that one layer (a shape-based cost model per layer,
-   :func:`materialises`; convolutions use patches of the input).
+   :func:`jax_privacy._ghost_layers.materialises`; convolutions use patches
+   of the input, grouped ones one product per group).
 4. With the clip factors ``c_b`` known, the clipped sum of a ghost-norm leaf
    is the vector-Jacobian product of the batched primitive with cotangents
-   ``c_b g_b`` (book-keeping); that of a formed per-example gradient is
+   ``c_b g_b`` (book-keeping), computed in at least float32 whatever the
+   layer's precision; that of a formed per-example gradient is
    ``sum_b c_b grad_b``.
 
-Anything unsupported (parameters used twice, inside ``scan`` or custom
-derivatives, grouped convolutions, ...) is materialised, which is exact and
-never worse than the vmap engine for that leaf.
+Tapped: weights of ``dot_general`` (dense layers, ``einsum`` projections,
+per-head weights with batch dimensions), of convolutions of any dimension
+(strided, dilated, grouped, depthwise, transposed) and embedding lookups
+(``gather``); :mod:`jax_privacy._ghost_layers` holds their algebra.
+Layer-norm and group-norm scales and biases, and the biases of dense and
+convolution layers, are materialised: their per-example gradient is the
+reduction of (cotangent x normalised input) over the positions that the
+backward pass computes anyway, ``batch x features`` numbers, while the
+weights of the model are never copied per example. Anything else (a
+parameter used twice, as in tied embeddings, or inside ``scan`` or custom
+derivatives) is materialised too, which is exact and never worse than the
+vmap engine for that leaf.
 
 References:
   Goodfellow, "Efficient per-example gradient computations", 2015,
@@ -49,61 +61,91 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
 from typing import Any, Callable
 
 import jax
-from jax import lax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
 
+from jax_privacy import _ghost_layers
 from jax_privacy import _per_example
 
 _LOGGER = logging.getLogger(__name__)
 _CALL_PRIMITIVES = ('jit', 'pjit')
+_VIEW_PRIMITIVES = (
+    'broadcast_in_dim', 'convert_element_type', 'copy', 'copy_p', 'reshape',
+    'squeeze', 'transpose',
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tap:
-  """A parameter leaf used once, as ``operand`` of a supported equation."""
+  """A parameter leaf used once, as ``operand`` of a supported equation.
+
+  ``chain`` holds the views (reshapes, transposes, float casts, as in
+  mixed-precision layers) between the leaf and the layer's weight operand,
+  in order; they relabel entries, so norms are the weight's.
+  """
 
   leaf: int
   operand: int
   eqn: Any
   path: tuple[int, ...]
+  chain: tuple[Any, ...] = ()
+
+  @property
+  def weight_shape(self) -> tuple[int, ...]:
+    return tuple(self.eqn.invars[self.operand].aval.shape)
 
 
-def _supported_use(eqn, operand: int) -> bool:
-  """Whether ``eqn`` is a linear layer whose weight is operand ``operand``."""
-  name = eqn.primitive.name
-  params = eqn.params
-  if name == 'dot_general':
-    (_, _), (lhs_batch, rhs_batch) = params['dimension_numbers']
-    return operand in (0, 1) and not lhs_batch and not rhs_batch
-  if name == 'conv_general_dilated':
-    return (
-        operand == 1
-        and params['feature_group_count'] == 1
-        and params['batch_group_count'] == 1
-        and all(d == 1 for d in params['lhs_dilation'])
+def _is_view(eqn) -> bool:
+  """Whether ``eqn`` relabels the entries of one float array, one to one."""
+  if eqn.primitive.name not in _VIEW_PRIMITIVES or len(eqn.invars) != 1:
+    return False
+  source, target = eqn.invars[0].aval, eqn.outvars[0].aval
+  return (
+      source.size == target.size
+      and jnp.issubdtype(source.dtype, jnp.floating)
+      and jnp.issubdtype(target.dtype, jnp.floating)
+  )
+
+
+def _book_keeping_layer(tap: _Tap, weight, activations):
+  """The tapped layer on a batch of activations, for book-keeping.
+
+  ``weight`` is the leaf. The views of ``tap.chain`` are applied except
+  casts, and the layer computes in at least float32 (and the leaf's dtype):
+  its weight gradient is the clipped sum over the batch, which a
+  low-precision layer (e.g. a bfloat16 Flax ``Dense`` of float32
+  parameters) would otherwise accumulate in low precision.
+  """
+  for eqn in tap.chain:
+    if eqn.primitive.name != 'convert_element_type':
+      weight = eqn.primitive.bind(
+          weight, **eqn.primitive.get_bind_params(eqn.params)
+      )
+  dtype = weight.dtype
+  if jnp.issubdtype(activations.dtype, jnp.floating):
+    dtype = jnp.promote_types(
+        dtype, _per_example.at_least_f32(activations.dtype)
     )
-  if name == 'gather':
-    table = eqn.invars[0].aval
-    out_rank = len(eqn.outvars[0].aval.shape)
-    dims = params['dimension_numbers']
-    return (
-        operand == 0
-        and len(table.shape) == 2
-        and tuple(dims.offset_dims) == (out_rank - 1,)
-        and tuple(dims.collapsed_slice_dims) == (0,)
-        and tuple(dims.start_index_map) == (0,)
-        and not dims.operand_batching_dims
-        and tuple(params['slice_sizes']) == (1, table.shape[1])
-        and eqn.invars[1].aval.shape[-1:] == (1,)
-    )
-  return False
+  outputs = jax.vmap(
+      lambda a: _ghost_layers.apply_layer(tap, a, weight, compute_dtype=dtype)
+  )(activations)
+  return outputs.astype(tap.eqn.outvars[0].aval.dtype)
+
+
+def _gradient_to_leaf(tap: _Tap, grad):
+  """Maps a gradient for the layer's weight back through ``tap.chain``."""
+  for eqn in reversed(tap.chain):
+    if eqn.primitive.name == 'transpose':
+      permutation = eqn.params['permutation']
+      grad = jnp.transpose(
+          grad, [permutation.index(d) for d in range(len(permutation))]
+      )
+    grad = grad.reshape(eqn.invars[0].aval.shape)
+  return grad
 
 
 def _inner_jaxpr(eqn):
@@ -116,7 +158,8 @@ def _inner_jaxpr(eqn):
 
 def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
   """Maps each tappable leaf index (the first jaxpr inputs) to its tap."""
-  uses: dict[int, list[tuple[Any, int, tuple[int, ...]]]] = {
+  # Per leaf: (eqn, operand, path, chain of views before eqn, is a view).
+  uses: dict[int, list[tuple[Any, int, tuple[int, ...], tuple, bool]]] = {
       i: [] for i in range(num_leaves)
   }
   bad: set[int] = set()
@@ -137,23 +180,43 @@ def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
         walk(inner.jaxpr, inner_tags, path + (id(eqn),))
         for v in inner.jaxpr.outvars:
           if not isinstance(v, jex_core.Literal) and v in inner_tags:
-            bad.add(inner_tags[v])
+            bad.add(inner_tags[v][0])
         continue
+      view = _is_view(eqn)
       for operand, tag in enumerate(in_tags):
         if tag is not None:
-          uses[tag].append((eqn, operand, path + (id(eqn),)))
+          leaf, chain = tag
+          uses[leaf].append((eqn, operand, path + (id(eqn),), chain, view))
+          if view:
+            tags[eqn.outvars[0]] = (leaf, chain + (eqn,))
     for v in jaxpr.outvars:
       if not isinstance(v, jex_core.Literal) and v in tags:
-        bad.add(tags[v])
+        bad.add(tags[v][0])
 
-  walk(jaxpr, {v: i for i, v in enumerate(jaxpr.invars[:num_leaves])}, ())
+  walk(
+      jaxpr,
+      {v: (i, ()) for i, v in enumerate(jaxpr.invars[:num_leaves])},
+      (),
+  )
   taps = {}
+  tapped_paths = set()
   for leaf, leaf_uses in uses.items():
-    if leaf in bad or len(leaf_uses) != 1:
+    layers = [use for use in leaf_uses if not use[4]]
+    if leaf in bad or len(layers) != 1:
       continue
-    eqn, operand, path = leaf_uses[0]
-    if _supported_use(eqn, operand):
-      taps[leaf] = _Tap(leaf=leaf, operand=operand, eqn=eqn, path=path)
+    eqn, operand, path, chain, _ = layers[0]
+    # Every view must lie on the one path from the leaf to the layer, and a
+    # layer has one tapped weight (in ``a @ b`` of two leaves, b is
+    # materialised).
+    if (
+        len(leaf_uses) == len(chain) + 1
+        and path not in tapped_paths
+        and _ghost_layers.supported_use(eqn, operand)
+    ):
+      tapped_paths.add(path)
+      taps[leaf] = _Tap(
+          leaf=leaf, operand=operand, eqn=eqn, path=path, chain=chain
+      )
   return taps
 
 
@@ -190,173 +253,40 @@ def evaluate(
   return [read(v) for v in jaxpr.outvars]
 
 
-def _apply_layer(tap: _Tap, activation, weight):
-  """Re-applies the tapped primitive to ``activation`` and ``weight``."""
-  operands = [None, None]
-  operands[tap.operand] = weight
-  operands[1 - tap.operand] = activation
-  bind_params = tap.eqn.primitive.get_bind_params(tap.eqn.params)
-  return tap.eqn.primitive.bind(*operands, **bind_params)
+def tapped_squared_norm(tap: _Tap, activation, cotangent, leaf_shape):
+  """One example's squared gradient norm for a tapped leaf.
 
-
-def _to_rows(x, feature_axes):
-  """Moves ``feature_axes`` last and flattens to ``(positions, features)``."""
-  rest = [d for d in range(x.ndim) if d not in feature_axes]
-  features = math.prod(x.shape[d] for d in feature_axes)
-  return jnp.transpose(x, rest + list(feature_axes)).reshape((-1, features))
-
-
-def _dense_rows(tap: _Tap, activation, cotangent, weight_shape):
-  """``(positions, in)`` activations and ``(positions, out)`` cotangents."""
-  (lhs_contract, rhs_contract), _ = tap.eqn.params['dimension_numbers']
-  if tap.operand == 1:
-    act_contract, w_contract = lhs_contract, rhs_contract
-  else:
-    act_contract, w_contract = rhs_contract, lhs_contract
-  act_rows = _to_rows(activation, tuple(act_contract))
-  w_free = math.prod(
-      size for d, size in enumerate(weight_shape) if d not in w_contract
-  )
-  if tap.operand == 1:
-    cot_rows = cotangent.reshape((-1, w_free))
-  else:
-    cot_rows = cotangent.reshape((w_free, -1)).T
-  return act_rows, cot_rows
-
-
-def _conv_rows(tap: _Tap, activation, cotangent, weight_shape):
-  """Patches ``(positions, in * window)`` and ``(positions, out)`` rows.
-
-  The patches are strided slices of the padded input, one per kernel offset
-  (``lax.conv_general_dilated_patches`` is a grouped convolution, much
-  slower on CPU). Their column order differs from the kernel's, which leaves
-  the norm unchanged.
+  The layer's weight may be a view of the leaf (``tap.chain``), with the same
+  entries: the norm is computed in the weight's shape.
   """
-  params = tap.eqn.params
-  dims = params['dimension_numbers']
-  x = jnp.transpose(activation, (dims.lhs_spec[0],) + tuple(dims.lhs_spec[2:])
-                    + (dims.lhs_spec[1],))
-  x = lax.pad(
-      x,
-      jnp.zeros((), x.dtype),
-      [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in params['padding']] + [(0, 0, 0)],
-  )
-  window = [weight_shape[d] for d in dims.rhs_spec[2:]]
-  out_sizes = [cotangent.shape[d] for d in dims.out_spec[2:]]
-  strides = params['window_strides']
-  dilation = params['rhs_dilation']
-  patches = []
-  for offset in itertools.product(*(range(k) for k in window)):
-    starts = [o * r for o, r in zip(offset, dilation)]
-    patches.append(
-        lax.slice(
-            x,
-            [0] + starts + [0],
-            [x.shape[0]]
-            + [s + (n - 1) * t + 1 for s, n, t in zip(starts, out_sizes, strides)]
-            + [x.shape[-1]],
-            [1] + list(strides) + [1],
-        )
-    )
-  patches = jnp.stack(patches, axis=-1)
-  act_rows = patches.reshape((-1, patches.shape[-2] * patches.shape[-1]))
-  cot = jnp.transpose(cotangent, (dims.out_spec[0],) + tuple(dims.out_spec[2:])
-                      + (dims.out_spec[1],))
-  return act_rows, cot.reshape((-1, cot.shape[-1]))
-
-
-def _rows_squared_norm(act_rows, cot_rows):
-  """``||act_rows^T cot_rows||_F^2`` without forming the product."""
-  act_rows = act_rows.astype(_per_example.at_least_f32(act_rows.dtype))
-  cot_rows = cot_rows.astype(_per_example.at_least_f32(cot_rows.dtype))
-  if act_rows.shape[0] == 1:
-    return jnp.sum(jnp.square(act_rows)) * jnp.sum(jnp.square(cot_rows))
-  return jnp.sum((act_rows @ act_rows.T) * (cot_rows @ cot_rows.T))
-
-
-def _weight_axes(tap: _Tap, weight_shape):
-  """The weight's axes in the column order of ``act_rows^T cot_rows``."""
-  if tap.eqn.primitive.name == 'conv_general_dilated':
-    rhs_spec = tap.eqn.params['dimension_numbers'].rhs_spec
-    return [rhs_spec[1]] + list(rhs_spec[2:]), [rhs_spec[0]]
-  (lhs_contract, rhs_contract), _ = tap.eqn.params['dimension_numbers']
-  contract = list(rhs_contract if tap.operand == 1 else lhs_contract)
-  free = [d for d in range(len(weight_shape)) if d not in contract]
-  return contract, free
-
-
-def materialises(tap: _Tap, weight_shape) -> bool:
-  """Whether forming the example's gradient beats the ghost norm.
-
-  Cost model from shapes: with ``positions`` rows, ``size_in`` activation and
-  ``size_out`` cotangent columns, the ghost norm costs ``positions^2 *
-  (size_in + size_out)`` and the gradient ``positions * size_in *
-  size_out`` (and as much memory as the activations, so no more than the
-  step already holds). A formed gradient also gives the clipped sum without
-  another weight-gradient contraction.
-  """
+  del leaf_shape
   if tap.eqn.primitive.name == 'gather':
-    return False
-  positions, size_in, size_out = _rows_shape(tap, weight_shape)
-  return positions > 1 and positions * (size_in + size_out) > (
-      size_in * size_out
+    return _ghost_layers.embedding_squared_norm(
+        tap, activation, cotangent, tap.weight_shape
+    )
+  return _ghost_layers.rows_squared_norm(
+      *_ghost_layers.rows(tap, activation, cotangent, tap.weight_shape)
   )
-
-
-def _rows_shape(tap: _Tap, weight_shape) -> tuple[int, int, int]:
-  """``(positions, size_in, size_out)`` of a dense or convolution tap."""
-  in_axes, out_axes = _weight_axes(tap, weight_shape)
-  size_in = math.prod(weight_shape[d] for d in in_axes)
-  size_out = math.prod(weight_shape[d] for d in out_axes)
-  return math.prod(tap.eqn.outvars[0].aval.shape) // size_out, size_in, size_out
-
-
-def tapped_gradient(tap: _Tap, activation, cotangent, weight_shape):
-  """One example's gradient for a tapped dense or convolution weight."""
-  rows = _conv_rows if tap.eqn.primitive.name == 'conv_general_dilated' else (
-      _dense_rows
-  )
-  act_rows, cot_rows = rows(tap, activation, cotangent, weight_shape)
-  grad = act_rows.T @ cot_rows
-  in_axes, out_axes = _weight_axes(tap, weight_shape)
-  order = in_axes + out_axes
-  grad = grad.reshape([weight_shape[d] for d in order])
-  return jnp.transpose(grad, [order.index(d) for d in range(len(order))])
-
-
-def _embedding_squared_norm(tap: _Tap, indices, cotangent, weight_shape):
-  vocab, width = weight_shape
-  ids = indices.reshape((-1,))
-  rows = cotangent.reshape((-1, width))
-  rows = rows.astype(_per_example.at_least_f32(rows.dtype))
-  if tap.eqn.params['mode'] == lax.GatherScatterMode.FILL_OR_DROP:
-    valid = (ids >= 0) & (ids < vocab)
-    rows = jnp.where(valid[:, None], rows, 0)
-  else:
-    ids = jnp.clip(ids, 0, vocab - 1)
-  same = ids[:, None] == ids[None, :]
-  return jnp.sum(jnp.where(same, rows @ rows.T, 0))
-
-
-def tapped_squared_norm(tap: _Tap, activation, cotangent, weight_shape):
-  """One example's squared gradient norm for a tapped leaf."""
-  name = tap.eqn.primitive.name
-  if name == 'gather':
-    return _embedding_squared_norm(tap, activation, cotangent, weight_shape)
-  rows = _conv_rows if name == 'conv_general_dilated' else _dense_rows
-  return _rows_squared_norm(*rows(tap, activation, cotangent, weight_shape))
 
 
 def _clip_coefficients(norms, is_padding, settings):
-  """Per-example factors ``c_b`` with ``sum_b c_b grad_b`` the clipped sum."""
-  bound = jnp.asarray(settings.l2_clip_norm, norms.dtype)
-  scale = jnp.where(norms > bound, bound / norms, jnp.ones_like(norms))
-  if settings.rescale_to_unit_norm:
-    scale = scale / bound
+  """Factors ``c_bk`` with ``sum_b c_bk grad_bk`` group k's clipped sum.
+
+  Args:
+    norms: ``[batch, groups]`` per-example norms of each clipping group.
+    is_padding: ``bool[batch]``.
+    settings: the clipping settings (their ``clip_rule`` gives the factors,
+      as on the vmap path).
+
+  Returns:
+    ``(coefficients [batch, groups], keep bool[batch])``: padding examples,
+    and with ``nan_safe`` examples with a non-finite norm, get zero.
+  """
+  scale = settings.clip_rule.scales(norms)
   keep = ~is_padding
   if settings.nan_safe:
-    keep = keep & jnp.isfinite(norms)
-  return jnp.where(keep, scale, jnp.zeros_like(scale)), keep
+    keep = keep & jnp.all(jnp.isfinite(norms), axis=1)
+  return jnp.where(keep[:, None], scale, jnp.zeros_like(scale)), keep
 
 
 def _mask_examples(keep, x):
@@ -496,30 +426,39 @@ def ghost_chunk_function(
     formed = dict(zip(materialised, copy_grads))
     ghosts = {}
     for leaf, tap in taps.items():
-      shape = diff_leaves[leaf].shape
-      if materialises(tap, shape):
+      if _ghost_layers.materialises(tap, tap.weight_shape):
         formed[leaf] = jax.vmap(
-            lambda a, g, tap=tap, shape=shape: tapped_gradient(
-                tap, a, g, shape
+            lambda a, g, tap=tap: _gradient_to_leaf(
+                tap,
+                _ghost_layers.tapped_gradient(tap, a, g, tap.weight_shape),
             ),
             spmd_axis_name=settings.spmd_axis_name,
         )(activations[leaf], cotangents[leaf])
       else:
         ghosts[leaf] = tap
-    squared = jnp.zeros((batch_size,), jnp.float32)
-    for grad in formed.values():
+    # Each leaf's squared norm goes to its clipping group (one group unless
+    # l2_clip_norm is a pytree), and each leaf is scaled by its group's
+    # factor, as the vmap path does.
+    user_tree = jax.tree_util.tree_unflatten(diff_tree, diff_leaves)
+    groups = settings.clip_rule.leaf_groups(
+        user_tree[0] if len(argnums) == 1 else user_tree
+    )
+    squared = jnp.zeros((batch_size, settings.clip_rule.num_groups), jnp.float32)
+    for leaf, grad in formed.items():
       grad = grad.astype(_per_example.at_least_f32(grad.dtype))
-      squared = squared + jnp.sum(
-          jnp.square(grad).reshape((batch_size, -1)), axis=1
+      squared = squared.at[:, groups[leaf]].add(
+          jnp.sum(jnp.square(grad).reshape((batch_size, -1)), axis=1)
       )
     for leaf, tap in ghosts.items():
       shape = diff_leaves[leaf].shape
-      squared = squared + jax.vmap(
-          lambda a, g, tap=tap, shape=shape: tapped_squared_norm(
-              tap, a, g, shape
-          ),
-          spmd_axis_name=settings.spmd_axis_name,
-      )(activations[leaf], cotangents[leaf])
+      squared = squared.at[:, groups[leaf]].add(
+          jax.vmap(
+              lambda a, g, tap=tap, shape=shape: tapped_squared_norm(
+                  tap, a, g, shape
+              ),
+              spmd_axis_name=settings.spmd_axis_name,
+          )(activations[leaf], cotangents[leaf])
+      )
     norms = jnp.sqrt(squared)
     coefficients, keep = _clip_coefficients(norms, is_padding, settings)
 
@@ -529,20 +468,23 @@ def ghost_chunk_function(
           diff_leaves[leaf].dtype, settings.dtype
       )
       grad = _mask_examples(keep, grad.astype(coefficients.dtype))
-      summed[leaf] = jnp.tensordot(coefficients, grad, axes=1).astype(out_dtype)
+      summed[leaf] = jnp.tensordot(
+          coefficients[:, groups[leaf]], grad, axes=1
+      ).astype(out_dtype)
     for leaf, tap in ghosts.items():
       weight = diff_leaves[leaf]
       cotangent = cotangents[leaf]
+      coefficient = coefficients[:, groups[leaf]]
       scaled = _mask_examples(
           keep,
-          coefficients.reshape((-1,) + (1,) * (cotangent.ndim - 1)) * cotangent,
+          coefficient.reshape((-1,) + (1,) * (cotangent.ndim - 1)) * cotangent,
       ).astype(cotangent.dtype)
       activation = _mask_examples(keep, activations[leaf])
       _, layer_pullback = jax.vjp(
-          lambda w, tap=tap, activation=activation: jax.vmap(
-              lambda a: _apply_layer(tap, a, w)
-          )(activation),
-          weight,
+          lambda w, tap=tap, activation=activation: _book_keeping_layer(
+              tap, w, activation
+          ),
+          weight.astype(_per_example.at_least_f32(weight.dtype)),
       )
       (grad_sum,) = layer_pullback(scaled)
       out_dtype = _per_example.accumulation_dtype(weight.dtype, settings.dtype)

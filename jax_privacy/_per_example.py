@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jax_privacy import _clip_norms
+
 PyTree = Any
 
 
@@ -78,10 +80,14 @@ def normalize_argnums(name: str, argnums) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ClipSettings:
-  """Everything the batch machinery needs, validated once on the host."""
+  """Everything the batch machinery needs, validated once on the host.
 
-  l2_clip_norm: float
-  rescale_to_unit_norm: bool
+  ``clip_rule`` holds the clipping itself (``l2_clip_norm`` as one norm or a
+  pytree of group norms, ``rescale_to_unit_norm`` and automatic clipping);
+  build with :meth:`create`, which takes those as keywords.
+  """
+
+  clip_rule: _clip_norms.ClipRule
   normalize_by: float
   batch_argnums: tuple[int, ...]
   keep_batch_dim: bool
@@ -103,13 +109,14 @@ class ClipSettings:
       batch_argnums,
       microbatch_size,
       prng_argnum,
+      automatic_clipping_stability=None,
       **kwargs,
   ) -> 'ClipSettings':
-    l2_clip_norm = _check_positive('l2_clip_norm', l2_clip_norm, allow_inf=True)
-    if rescale_to_unit_norm and math.isinf(l2_clip_norm):
-      raise ValueError(
-          'rescale_to_unit_norm=True needs a finite l2_clip_norm, got inf'
-      )
+    clip_rule = _clip_norms.ClipRule.create(
+        l2_clip_norm,
+        rescale_to_unit_norm=rescale_to_unit_norm,
+        stability=automatic_clipping_stability,
+    )
     normalize_by = _check_positive('normalize_by', normalize_by)
     batch_argnums = normalize_argnums('batch_argnums', batch_argnums)
     if microbatch_size is not None:
@@ -130,19 +137,17 @@ class ClipSettings:
             f'{batch_argnums}: the key is split per example by clipped_grad'
         )
     return cls(
-        l2_clip_norm=l2_clip_norm,
-        rescale_to_unit_norm=bool(rescale_to_unit_norm),
         normalize_by=normalize_by,
         batch_argnums=batch_argnums,
         microbatch_size=microbatch_size,
         prng_argnum=prng_argnum,
+        clip_rule=clip_rule,
         **kwargs,
     )
 
   @property
   def l2_norm_bound(self) -> float:
-    per_example = 1.0 if self.rescale_to_unit_norm else self.l2_clip_norm
-    return per_example / self.normalize_by
+    return self.clip_rule.l2_norm_bound / self.normalize_by
 
 
 def _batch_size(args: tuple, batch_argnums: tuple[int, ...]) -> int:
@@ -213,19 +218,15 @@ def vectorized_chunk_function(
       )
     to_clip, extras = per_example_fn(*args)
     to_clip = settings.pre_clipping_transform(to_clip)
-    norm = settings.norm_fn(to_clip)
-    clipped = scale_to_bound(
+    clipped, norms = clip_groups(
         to_clip,
-        norm,
-        settings.l2_clip_norm,
-        rescale_to_unit_norm=settings.rescale_to_unit_norm,
-        nan_safe=settings.nan_safe,
+        settings,
         out_dtype=lambda d: accumulation_dtype(d, settings.dtype),
     )
     clipped = jax.tree_util.tree_map(
         lambda leaf: jnp.where(is_padding, jnp.zeros_like(leaf), leaf), clipped
     )
-    return clipped, norm, extras
+    return clipped, norms, extras
 
   def vmapped(args, is_padding, batched):
     in_axes = tuple(0 if i in batched else None for i in range(len(args)))
@@ -257,11 +258,12 @@ def batch_function(
   """Wraps an engine's ``chunk_fn`` into ``batch_fn(*args, is_padding_example)``.
 
   ``chunk_fn(args, is_padding, batched)`` returns the (unnormalised) clipped
-  sum, the per-example norms and extras of the examples it is given;
-  ``batched`` is the set of argument positions with a batch axis. This
-  wrapper, shared by every engine, checks the batch, splits the PRNG key per
-  example, runs microbatches in a ``lax.scan`` and divides by
-  ``normalize_by``.
+  sum, the per-example norms of each clipping group (``[batch, groups]``)
+  and extras of the examples it is given; ``batched`` is the set of argument
+  positions with a batch axis. This wrapper, shared by every engine, checks
+  the batch, splits the PRNG key per example, runs microbatches in a
+  ``lax.scan``, divides by ``normalize_by`` and returns the norms in the
+  user's form (:meth:`_clip_norms.ClipRule.report`).
   """
 
   def batch_fn(*args, is_padding_example=None):
@@ -285,7 +287,7 @@ def batch_function(
     summed = jax.tree_util.tree_map(
         lambda x: x / jnp.asarray(settings.normalize_by, x.dtype), summed
     )
-    return summed, norms, extras
+    return summed, settings.clip_rule.report(norms), extras
 
   return batch_fn
 
@@ -321,6 +323,34 @@ def scale_to_bound(
     return jnp.where(keep, scaled, jnp.zeros_like(scaled))
 
   return jax.tree_util.tree_map(scale_leaf, tree)
+
+
+def clip_groups(tree, settings: ClipSettings, *, out_dtype):
+  """Clips one example's ``tree`` by ``settings.clip_rule``.
+
+  Returns:
+    ``(clipped_tree, norms)`` where ``norms`` (``[groups]``, >= float32)
+    holds the norm of each group of ``tree`` before clipping. With
+    ``nan_safe``, an example with a non-finite norm in any group becomes
+    zero in every group.
+  """
+  rule = settings.clip_rule
+  subtrees = rule.subtrees(tree)
+  norms = jnp.stack([settings.norm_fn(subtree) for subtree in subtrees])
+  scales = rule.scales(norms)
+  keep = jnp.all(jnp.isfinite(norms)) if settings.nan_safe else jnp.bool_(True)
+
+  def scale_leaf(leaf, scale):
+    scaled = (leaf.astype(scale.dtype) * scale).astype(out_dtype(leaf.dtype))
+    return jnp.where(keep, scaled, jnp.zeros_like(scaled))
+
+  clipped = [
+      jax.tree_util.tree_map(lambda leaf, k=k: scale_leaf(leaf, scales[k]), sub)
+      for k, sub in enumerate(subtrees)
+  ]
+  if rule.treedef is None:
+    return clipped[0], norms
+  return rule.treedef.unflatten(clipped), norms
 
 
 def accumulation_dtype(leaf_dtype, requested):

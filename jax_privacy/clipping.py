@@ -24,7 +24,8 @@ Example::
 Privacy:
   Each example's contribution to the returned sum has L2 norm at most
   ``l2_clip_norm / normalize_by`` (``1 / normalize_by`` with
-  ``rescale_to_unit_norm``), whatever the example is; padding examples
+  ``rescale_to_unit_norm``; ``sqrt(sum_k C_k^2) / normalize_by`` with
+  per-group norms ``C_k``), whatever the example is; padding examples
   contribute exactly zero, and with ``nan_safe`` so does an example whose
   gradient is not finite. The sum therefore has L2 sensitivity equal to that
   bound under add/remove-one and replace-with-special (zero-out) neighbours,
@@ -63,7 +64,10 @@ Attributes:
   values: the value of ``fun`` for each example (``return_values``), else None.
   grad_norms: the L2 norm of each example's gradient (or output, for
     :func:`clipped_fun`) before clipping (``return_grad_norms`` /
-    ``return_norms``), else None.
+    ``return_norms``), else None. With per-group clipping (``l2_clip_norm``
+    a pytree) it is a pytree with the structure of ``l2_clip_norm`` holding
+    each group's per-example norms; the global norm is the square root of the
+    sum of their squares.
   aux: the auxiliary output of ``fun`` for each example (``has_aux``), else
     None.
 
@@ -189,6 +193,7 @@ def clipped_grad(
     prng_argnum: int | None = None,
     spmd_axis_name: Any = None,
     method: str = 'vectorized',
+    automatic_clipping_stability: float | None = None,
 ) -> BoundedSensitivityCallable:
   """Sum of per-example gradients, each clipped to a bounded L2 norm.
 
@@ -200,10 +205,17 @@ def clipped_grad(
     has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned per example.
     l2_clip_norm: the largest L2 norm of one example's gradient, over the whole
       gradient pytree. ``inf`` disables clipping (and makes the sensitivity
-      infinite).
-    rescale_to_unit_norm: divide each clipped gradient by ``l2_clip_norm`` so
-      that its norm is at most 1 (the sensitivity is then ``1 /
-      normalize_by``).
+      infinite). Per-group (per-layer) clipping, ours: a pytree of positive
+      numbers whose structure is a prefix of the gradient's (e.g.
+      ``{'dense1': 1.0, 'dense2': 0.5}`` for parameters ``{'dense1': {'w',
+      'b'}, 'dense2': {'w', 'b'}}``); each leaf is the norm ``C_k`` of one
+      group, the subtree of the gradient at its position, and each group is
+      clipped to its own norm. One example then contributes at most
+      ``sqrt(sum_k C_k^2)``, the bound that ``sensitivity()`` reports.
+    rescale_to_unit_norm: divide each clipped gradient by ``l2_clip_norm``
+      (by ``sqrt(sum_k C_k^2)`` for per-group norms, which keeps the groups'
+      relative scale) so that its norm is at most 1 (the sensitivity is then
+      ``1 / normalize_by``).
     normalize_by: the sum is divided by this (e.g. the expected batch size).
     batch_argnums: the argument(s) holding the batch, along axis 0 of every
       leaf.
@@ -213,7 +225,8 @@ def clipped_grad(
       the clipping is per group (e.g. per user).
     return_values: also return the value of ``fun`` per example.
     return_grad_norms: also return each example's gradient norm before
-      clipping.
+      clipping (per group, as a pytree shaped like ``l2_clip_norm``, for
+      per-group clipping).
     pre_clipping_transform: applied to each example's gradient before it is
       clipped.
     microbatch_size: process the batch in chunks of this many examples (a
@@ -239,6 +252,15 @@ def clipped_grad(
       ``pre_clipping_transform``. ``'auto'``: ghost when some parameter can
       be tapped and ``pre_clipping_transform`` is the identity, else
       vectorized. The choice is logged (``logging.INFO``) at trace time.
+    automatic_clipping_stability: (ours) ``gamma > 0`` turns on automatic
+      clipping (AUTO-S of Bu et al.): each example's gradient ``g`` (each
+      group's, for per-group norms) is scaled by ``C / (||g|| + gamma)``
+      instead of ``min(1, C / ||g||)``, where ``C`` is ``l2_clip_norm``
+      (which must then be finite). Every example is normalised, so its norm
+      is below ``C`` whatever its size; with ``l2_clip_norm=1.0`` or
+      ``rescale_to_unit_norm=True`` the contribution is ``g / (||g|| +
+      gamma)`` and the sensitivity ``1 / normalize_by``. None (default):
+      hard clipping. The paper uses a small gamma such as 0.01.
 
   Returns:
     A :class:`BoundedSensitivityCallable` with the signature of ``fun`` plus
@@ -248,16 +270,28 @@ def clipped_grad(
     ``return_values``, ``return_grad_norms``, ``has_aux`` is set.
 
   Raises:
-    ValueError: on a non-positive or NaN ``l2_clip_norm`` or
-      ``normalize_by``, a bad ``microbatch_size``, overlapping
-      ``prng_argnum`` and ``batch_argnums``, an unknown ``method`` or
-      ``method='ghost'`` with a ``pre_clipping_transform``; at call time, on
-      batched arguments whose leading dimensions differ.
+    ValueError: on a non-positive or NaN ``l2_clip_norm`` (or group norm)
+      or ``normalize_by``, a non-positive ``automatic_clipping_stability`` or
+      one with an infinite ``l2_clip_norm``, a bad ``microbatch_size``,
+      overlapping ``prng_argnum`` and ``batch_argnums``, an unknown
+      ``method`` or ``method='ghost'`` with a ``pre_clipping_transform``; at
+      call time, on batched arguments whose leading dimensions differ or a
+      pytree ``l2_clip_norm`` that is not a prefix of the gradient.
 
   Privacy:
     Each example contributes at most ``sensitivity()`` in L2 norm to the
-    output (see the module docstring). Per-group clipping bounds a group's
-    contribution: the guarantee is then per group (e.g. user-level DP).
+    output (see the module docstring). With ``keep_batch_dim=False`` and
+    2-D inputs this bounds a user's (a group of examples') contribution:
+    the guarantee is then per user (user-level DP). With per-group norms
+    ``C_k`` each group's part of the contribution has norm at most ``C_k``,
+    so the whole has norm at most ``sqrt(sum_k C_k^2)``; with automatic
+    clipping the norm is strictly below ``l2_clip_norm``.
+
+  References:
+    McMahan et al., "A General Approach to Adding Differential Privacy to
+    Iterative Training Procedures", 2018, arXiv:1812.06210 (per-layer
+    clipping). Bu et al., "Automatic Clipping: Differentially Private Deep
+    Learning Made Easier and Stronger", 2022, arXiv:2206.07136.
   """
   argnums = _per_example.normalize_argnums('argnums', argnums)
   settings = _per_example.ClipSettings.create(
@@ -272,6 +306,7 @@ def clipped_grad(
       dtype=dtype,
       prng_argnum=prng_argnum,
       spmd_axis_name=spmd_axis_name,
+      automatic_clipping_stability=automatic_clipping_stability,
   )
   overlap = set(argnums) & set(settings.batch_argnums)
   if overlap:
@@ -346,6 +381,7 @@ def clipped_fun(
     dtype: Any = None,
     prng_argnum: int | None = None,
     spmd_axis_name: Any = None,
+    automatic_clipping_stability: float | None = None,
 ) -> BoundedSensitivityCallable:
   """Sum over examples of ``fun``'s output, each clipped to bounded L2 norm.
 
@@ -358,7 +394,9 @@ def clipped_fun(
     has_aux: see :func:`clipped_grad`.
     batch_argnums: see :func:`clipped_grad`.
     keep_batch_dim: see :func:`clipped_grad`.
-    l2_clip_norm: the largest L2 norm of one example's output.
+    l2_clip_norm: the largest L2 norm of one example's output, or a pytree
+      of group norms (a prefix of the output's structure), as in
+      :func:`clipped_grad`.
     rescale_to_unit_norm: see :func:`clipped_grad`.
     normalize_by: see :func:`clipped_grad`.
     return_norms: also return each example's output norm before clipping.
@@ -367,6 +405,7 @@ def clipped_fun(
     dtype: see :func:`clipped_grad`.
     prng_argnum: see :func:`clipped_grad`.
     spmd_axis_name: see :func:`clipped_grad`.
+    automatic_clipping_stability: see :func:`clipped_grad`.
 
   Returns:
     A :class:`BoundedSensitivityCallable`, returning the clipped sum or
@@ -388,6 +427,7 @@ def clipped_fun(
       dtype=dtype,
       prng_argnum=prng_argnum,
       spmd_axis_name=spmd_axis_name,
+      automatic_clipping_stability=automatic_clipping_stability,
   )
   return _bounded_callable(
       _per_example.clipped_sum_function(

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jax_privacy import _ghost
 from jax_privacy import _per_example
 from jax_privacy import noise_addition
 from jax_privacy.dp_sgd import grad_clipping
@@ -80,7 +81,8 @@ class GradientComputer(abc.ABC):
     rescale_to_unit_norm: divide each clipped gradient by ``clipping_norm``
       (the per-example sensitivity is then 1, and the learning rate does not
       need retuning when the clipping norm changes).
-    per_example_grad_method: a :class:`grad_clipping.PerExampleGradMethod`.
+    per_example_grad_method: a :class:`grad_clipping.PerExampleGradMethod`
+      (a performance choice: every method gives the same result).
     rng_per_param_fn: applied to the noise key before use, e.g. to make each
       device of a model-parallel run draw noise for its own parameters.
     global_norm_fn: the norm that clipping bounds (default: the global L2
@@ -89,8 +91,8 @@ class GradientComputer(abc.ABC):
       norm for the guarantee to hold.
 
   Raises:
-    ValueError: on a negative, NaN or infinite setting, or noise without
-      clipping.
+    ValueError: on a negative, NaN or infinite setting, noise without
+      clipping, or ``GHOST`` with a custom ``global_norm_fn``.
   """
 
   def __init__(
@@ -120,6 +122,15 @@ class GradientComputer(abc.ABC):
       raise ValueError(
           'per_example_grad_method must be a grad_clipping.PerExampleGradMethod '
           f'(e.g. grad_clipping.VECTORIZED), got {per_example_grad_method!r}'
+      )
+    if (
+        per_example_grad_method == grad_clipping.GHOST
+        and global_norm_fn is not _per_example.global_l2_norm
+    ):
+      raise ValueError(
+          'per_example_grad_method=grad_clipping.GHOST computes the global L2 '
+          'norm without materialising gradients, so it cannot use a custom '
+          'global_norm_fn; use grad_clipping.VECTORIZED or AUTO'
       )
     self._rescale_to_unit_norm = bool(rescale_to_unit_norm)
     self._per_example_grad_method = per_example_grad_method
@@ -201,9 +212,8 @@ class GradientComputer(abc.ABC):
         spmd_axis_name=None,
         norm_fn=self._global_norm_fn,
     )
-    clipped_sum = _per_example.clipped_sum_function(
-        _per_example.gradient_per_example(loss_fn, (0,), has_aux=True),
-        settings,
+    clipped_sum = _per_example.batch_function(
+        self._chunk_function(loss_fn, settings), settings
     )
     grads, _, (values, (new_states, metrics)) = clipped_sum(
         params,
@@ -218,6 +228,26 @@ class GradientComputer(abc.ABC):
         lambda s: _weighted_mean(s, weights), new_states
     )
     return (loss, (network_state, _aggregate(metrics, weights))), grads
+
+  def _chunk_function(self, loss_fn, settings):
+    """The per-example engine of ``per_example_grad_method``."""
+    chunk_fn = _per_example.vectorized_chunk_function(
+        _per_example.gradient_per_example(loss_fn, (0,), has_aux=True),
+        settings,
+    )
+    method = self._per_example_grad_method
+    default_norm = self._global_norm_fn is _per_example.global_l2_norm
+    if method == grad_clipping.GHOST or (
+        method == grad_clipping.AUTO and default_norm
+    ):
+      return _ghost.ghost_chunk_function(
+          loss_fn,
+          (0,),
+          True,
+          settings,
+          fallback=chunk_fn if method == grad_clipping.AUTO else None,
+      )
+    return chunk_fn
 
   def clean_gradients(
       self,

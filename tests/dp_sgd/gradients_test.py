@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
@@ -54,7 +55,13 @@ def _tree_norm(tree):
 
 @pytest.mark.parametrize('rescale', [False, True])
 @pytest.mark.parametrize(
-    'method', [grad_clipping.VECTORIZED, grad_clipping.UNROLLED]
+    'method',
+    [
+        grad_clipping.VECTORIZED,
+        grad_clipping.UNROLLED,
+        grad_clipping.GHOST,
+        grad_clipping.AUTO,
+    ],
 )
 def test_mean_of_clipped_gradients_matches_loop(rescale, method):
   params, (x, y) = _setup()
@@ -117,6 +124,74 @@ def test_padding_is_excluded_from_gradients_loss_and_metrics():
   assert float(loss_p) == pytest.approx(float(loss_r), rel=1e-6)
   assert float(m_p.scalars_sum['count']) == 5.0
   assert float(m_p.scalars_last['x0']) == pytest.approx(float(x[4, 0]))
+
+
+def _dropout_loss_fn(params, network_state, rng, inputs):
+  x, y = inputs
+  h = jnp.tanh(x @ params['w1'] + params['b1'])
+  h = jnp.where(jax.random.bernoulli(rng, 0.8, h.shape), h / 0.8, 0.0)
+  h = (h - h.mean()) * params['scale']
+  out = h @ params['w2']
+  loss = jnp.mean((out - y) ** 2)
+  new_state = {'calls': network_state['calls'] + 1.0}
+  metrics = typing.Metrics(
+      scalars_avg={'loss': loss}, per_example={'out': out[0]}
+  )
+  return loss, (new_state, metrics)
+
+
+@pytest.mark.parametrize('method', [grad_clipping.GHOST, grad_clipping.AUTO])
+def test_ghost_methods_equal_vectorized(method):
+  params, (x, y) = _setup(batch=8, scale=2.0)
+  params.update(b1=jnp.linspace(-1.0, 1.0, 5), scale=jnp.linspace(0.5, 2.0, 5))
+  x = x * jnp.geomspace(0.01, 10.0, 8)[:, None]
+  mask = np.array([0, 0, 1, 0, 0, 0, 0, 1], bool)
+  results = []
+  for m in (grad_clipping.VECTORIZED, method):
+    gc = _computer(clipping_norm=0.3, per_example_grad_method=m)
+    step = jax.jit(
+        lambda p, s, k, i, gc=gc: gc.loss_and_clipped_gradients(
+            loss_fn=_dropout_loss_fn, params=p, network_state=s,
+            rng_per_local_microbatch=k, inputs=i, is_padding_example=mask,
+        )
+    )
+    results.append(step(params, {'calls': jnp.zeros(())}, jax.random.key(3),
+                        (x, y)))
+  (loss_v, (state_v, metrics_v)), grads_v = results[0]
+  (loss_g, (state_g, metrics_g)), grads_g = results[1]
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      grads_g,
+      grads_v,
+  )
+  assert float(loss_g) == pytest.approx(float(loss_v), rel=1e-6)
+  assert float(state_g['calls']) == pytest.approx(1.0)
+  np.testing.assert_allclose(
+      metrics_g.per_example['out'], metrics_v.per_example['out'], rtol=1e-6
+  )
+  # The same dropout masks are drawn: per-example keys do not depend on the
+  # method.
+  assert float(metrics_g.scalars_avg['loss']) == pytest.approx(
+      float(metrics_v.scalars_avg['loss']), rel=1e-6
+  )
+
+
+def test_auto_with_a_custom_norm_uses_it():
+  params, inputs = _setup()
+  def norm(grads):
+    return 2.0 * optax.tree.norm(grads)
+
+  results = [
+      _computer(per_example_grad_method=m, global_norm_fn=norm)
+      .loss_and_clipped_gradients(
+          loss_fn=_loss_fn, params=params, network_state={},
+          rng_per_local_microbatch=jax.random.key(1), inputs=inputs,
+      )[1]
+      for m in (grad_clipping.VECTORIZED, grad_clipping.AUTO)
+  ]
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), *results
+  )
 
 
 def test_without_clipping_equals_clean_gradients():
@@ -214,6 +289,13 @@ def test_works_under_jit():
         (dict(noise_multiplier=float('inf')), 'noise_multiplier'),
         (dict(clipping_norm=None, noise_multiplier=1.0), 'clipping_norm'),
         (dict(per_example_grad_method='vmap'), 'per_example_grad_method'),
+        (
+            dict(
+                per_example_grad_method=grad_clipping.GHOST,
+                global_norm_fn=lambda g: 2.0 * optax.tree.norm(g),
+            ),
+            'global_norm_fn',
+        ),
     ],
 )
 def test_bad_settings_raise(kwargs, field):
