@@ -246,9 +246,11 @@ def clipped_grad(
       rounding. ``'vectorized'`` (default): ``jax.vmap`` of ``jax.grad``,
       materialising every per-example gradient. ``'ghost'``: ghost norms and
       book-keeping (:mod:`jax_privacy._ghost`) for parameters used once as
-      the weight of a dense ``dot_general``, a convolution or an embedding
-      ``gather``; the other parameters' per-example gradients are
-      materialised (that leaf only). Needs the default
+      the weight of a ``dot_general`` (dense, batched, einsum), a
+      convolution (incl. grouped and transposed) or an embedding
+      ``gather``, also through reshapes and casts; norm scales and biases
+      by a reduction over positions; the other parameters' per-example
+      gradients are materialised (that leaf only). Needs the default
       ``pre_clipping_transform``. ``'auto'``: ghost when some parameter can
       be tapped and ``pre_clipping_transform`` is the identity, else
       vectorized. The choice is logged (``logging.INFO``) at trace time.
