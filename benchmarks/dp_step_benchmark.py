@@ -25,131 +25,15 @@ the machine this was written on is shared, so even runs minutes apart differ.
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import _models  # The shared benchmark models (benchmarks/_models.py).
+
 CONFIGS = ('non_private', 'floor', 'dp_vmap', 'dp_microbatch', 'dp_ghost')
-MODELS = {'mlp': 256, 'cnn': 128, 'transformer': 32}
-
-
-def _mlp(batch_size):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  sizes = [784, 512, 512, 10]
-  keys = jax.random.split(jax.random.key(0), len(sizes))
-  params = [
-      {
-          'w': jax.random.normal(k, (m, n)) / jnp.sqrt(m),
-          'b': jnp.zeros((n,)),
-      }
-      for k, m, n in zip(keys, sizes[:-1], sizes[1:])
-  ]
-
-  def loss(params, x, y):
-    h = x
-    for layer in params[:-1]:
-      h = jax.nn.relu(h @ layer['w'] + layer['b'])
-    logits = h @ params[-1]['w'] + params[-1]['b']
-    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, axis=-1))
-
-  x = jax.random.normal(keys[-1], (batch_size, 784))
-  y = jax.nn.one_hot(jnp.arange(batch_size) % 10, 10)
-  return params, loss, x, y
-
-
-def _cnn(batch_size):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  keys = jax.random.split(jax.random.key(0), 4)
-  params = {
-      'c1': jax.random.normal(keys[0], (3, 3, 3, 32)) / jnp.sqrt(27.0),
-      'b1': jnp.zeros((32,)),
-      'c2': jax.random.normal(keys[1], (3, 3, 32, 64)) / jnp.sqrt(288.0),
-      'b2': jnp.zeros((64,)),
-      'w': jax.random.normal(keys[2], (8 * 8 * 64, 10)) / 64.0,
-      'b': jnp.zeros((10,)),
-  }
-  dims = ('NHWC', 'HWIO', 'NHWC')
-
-  def loss(params, x, y):
-    h = jax.lax.conv_general_dilated(
-        x, params['c1'], (1, 1), 'SAME', dimension_numbers=dims
-    )
-    h = jax.nn.relu(h + params['b1'])
-    h = jax.lax.reduce_window(
-        h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'
-    )
-    h = jax.lax.conv_general_dilated(
-        h, params['c2'], (1, 1), 'SAME', dimension_numbers=dims
-    )
-    h = jax.nn.relu(h + params['b2'])
-    h = jax.lax.reduce_window(
-        h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'
-    )
-    logits = h.reshape((h.shape[0], -1)) @ params['w'] + params['b']
-    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, axis=-1))
-
-  x = jax.random.normal(keys[3], (batch_size, 32, 32, 3))
-  y = jax.nn.one_hot(jnp.arange(batch_size) % 10, 10)
-  return params, loss, x, y
-
-
-def _transformer(batch_size, vocab=1000, d=128, seq=64, heads=4, layers=2):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  keys = iter(jax.random.split(jax.random.key(0), 4 + 6 * layers))
-
-  def dense(m, n):
-    return jax.random.normal(next(keys), (m, n)) / jnp.sqrt(m)
-
-  params = {
-      'emb': jax.random.normal(next(keys), (vocab, d)) * 0.02,
-      'pos': jax.random.normal(next(keys), (seq, d)) * 0.02,
-      'out': dense(d, vocab),
-      'layers': [
-          {
-              'wq': dense(d, d), 'wk': dense(d, d), 'wv': dense(d, d),
-              'wo': dense(d, d), 'w1': dense(d, 4 * d), 'b1': jnp.zeros(4 * d),
-              'w2': dense(4 * d, d), 'b2': jnp.zeros(d),
-              'ln1': (jnp.ones(d), jnp.zeros(d)),
-              'ln2': (jnp.ones(d), jnp.zeros(d)),
-          }
-          for _ in range(layers)
-      ],
-  }
-
-  def layer_norm(x, scale_bias):
-    mean = jnp.mean(x, -1, keepdims=True)
-    var = jnp.var(x, -1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale_bias[0] + scale_bias[1]
-
-  def split_heads(x):
-    return x.reshape(x.shape[:-1] + (heads, d // heads)).swapaxes(-2, -3)
-
-  def loss(params, ids, labels):
-    x = params['emb'][ids] + params['pos']
-    for layer in params['layers']:
-      h = layer_norm(x, layer['ln1'])
-      q, k, v = (split_heads(h @ layer[n]) for n in ('wq', 'wk', 'wv'))
-      att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / jnp.sqrt(d // heads))
-      o = (att @ v).swapaxes(-2, -3).reshape(x.shape)
-      x = x + o @ layer['wo']
-      h = layer_norm(x, layer['ln2'])
-      x = x + jax.nn.gelu(h @ layer['w1'] + layer['b1']) @ layer['w2']
-      x = x + layer['b2']
-    logits = x @ params['out']
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
-
-  ids = jax.random.randint(next(keys), (batch_size, seq), 0, vocab)
-  labels = jnp.roll(ids, -1, axis=1)
-  return params, loss, ids, labels
+MODELS = _models.BATCH_SIZES
 
 
 def _run_one(config, model, batch_size, steps):
@@ -159,7 +43,7 @@ def _run_one(config, model, batch_size, steps):
   from jax_privacy import clipping  # pylint: disable=g-import-not-at-top
   from jax_privacy import noise_addition  # pylint: disable=g-import-not-at-top
 
-  builders = {'mlp': _mlp, 'cnn': _cnn, 'transformer': _transformer}
+  builders = _models.BUILDERS
   params, loss, x, y = builders[model](batch_size)
   sgd = optax.sgd(0.1)
   if config in ('non_private', 'floor'):
@@ -204,7 +88,7 @@ def _run_one(config, model, batch_size, steps):
       'median_ms': statistics.median(times),
       'compile_s': compile_s,
       'compile_cpu_s': compile_cpu_s,
-      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'peak_rss_mb': _models.own_peak_rss_mb(),
   }
 
 
