@@ -1,0 +1,1 @@
+"""Experiments built on JAX Privacy (not imported by the library)."""
