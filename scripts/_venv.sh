@@ -8,3 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS}]"
+# keras-hub (the language-model tests and examples) without its declared
+# tensorflow-text dependency, which the JAX backend does not need.
+if [[ ",${EXTRAS}," == *",dev,"* ]]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --no-deps keras-hub==0.32.0
+fi
