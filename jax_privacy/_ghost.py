@@ -49,6 +49,11 @@ parameter used twice, as in tied embeddings, or inside ``scan`` or custom
 derivatives) is materialised too, which is exact and never worse than the
 vmap engine for that leaf.
 
+A layer weight computed from parameters alone (weight standardization, a
+Keras LoRA kernel ``K + s * A @ B``) is cut out of the jaxpr as a virtual
+leaf and tapped like a parameter; its per-example gradient is mapped back
+to the parameters it is made of (:mod:`jax_privacy._ghost_transforms`).
+
 References:
   Goodfellow, "Efficient per-example gradient computations", 2015,
   arXiv:1510.01799.
@@ -69,14 +74,10 @@ from jax.extend import core as jex_core
 import jax.numpy as jnp
 
 from jax_privacy import _ghost_layers
+from jax_privacy import _ghost_transforms
 from jax_privacy import _per_example
 
 _LOGGER = logging.getLogger(__name__)
-_CALL_PRIMITIVES = ('jit', 'pjit')
-_VIEW_PRIMITIVES = (
-    'broadcast_in_dim', 'convert_element_type', 'copy', 'copy_p', 'reshape',
-    'squeeze', 'transpose',
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +98,6 @@ class _Tap:
   @property
   def weight_shape(self) -> tuple[int, ...]:
     return tuple(self.eqn.invars[self.operand].aval.shape)
-
-
-def _is_view(eqn) -> bool:
-  """Whether ``eqn`` relabels the entries of one float array, one to one."""
-  if eqn.primitive.name not in _VIEW_PRIMITIVES or len(eqn.invars) != 1:
-    return False
-  source, target = eqn.invars[0].aval, eqn.outvars[0].aval
-  return (
-      source.size == target.size
-      and jnp.issubdtype(source.dtype, jnp.floating)
-      and jnp.issubdtype(target.dtype, jnp.floating)
-  )
 
 
 def _book_keeping_layer(tap: _Tap, weight, activations):
@@ -148,14 +137,6 @@ def _gradient_to_leaf(tap: _Tap, grad):
   return grad
 
 
-def _inner_jaxpr(eqn):
-  if eqn.primitive.name in _CALL_PRIMITIVES:
-    inner = eqn.params.get('jaxpr')
-    if isinstance(inner, jex_core.ClosedJaxpr):
-      return inner
-  return None
-
-
 def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
   """Maps each tappable leaf index (the first jaxpr inputs) to its tap."""
   # Per leaf: (eqn, operand, path, chain of views before eqn, is a view).
@@ -172,7 +153,7 @@ def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
           None if isinstance(v, jex_core.Literal) else tags.get(v)
           for v in eqn.invars
       ]
-      inner = _inner_jaxpr(eqn)
+      inner = _ghost_layers.inner_jaxpr(eqn)
       if inner is not None:
         inner_tags = {
             v: t for v, t in zip(inner.jaxpr.invars, in_tags) if t is not None
@@ -182,7 +163,7 @@ def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
           if not isinstance(v, jex_core.Literal) and v in inner_tags:
             bad.add(inner_tags[v][0])
         continue
-      view = _is_view(eqn)
+      view = _ghost_layers.is_view(eqn)
       for operand, tag in enumerate(in_tags):
         if tag is not None:
           leaf, chain = tag
@@ -233,7 +214,7 @@ def evaluate(
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    inner = _inner_jaxpr(eqn)
+    inner = _ghost_layers.inner_jaxpr(eqn)
     if inner is not None:
       outs = evaluate(
           inner.jaxpr, inner.consts, invals, taps_by_path, perturbations,
@@ -363,22 +344,39 @@ def ghost_chunk_function(
           f'shape {loss_shape.shape}'
       )
     out_tree = jax.tree_util.tree_structure(out_shape)
-    taps = find_taps(closed.jaxpr, len(diff_leaves))
+    # Unbatched argument leaves in the jaxpr's order (None where batched).
+    rest_leaves, rest_batched = [], []
+    for i, arg in enumerate(rest):
+      for leaf in jax.tree_util.tree_leaves(arg):
+        rest_leaves.append(None if i in batched else leaf)
+        rest_batched.append(i in batched)
+    plan = _ghost_transforms.plan_transforms(
+        closed, len(diff_leaves), rest_batched
+    )
+    leaves, unused = list(diff_leaves), frozenset()
+    if plan is not None:
+      closed, unused = plan.inner, plan.unused
+      leaves += plan.virtual_values(diff_leaves, rest_leaves)
+    taps = find_taps(closed.jaxpr, len(leaves))
     if not taps and fallback is not None:
       _LOGGER.info('clipped_grad method=auto: no layer to tap, using vmap')
       return fallback(args, is_padding, batched)
-    materialised = [i for i in range(len(diff_leaves)) if i not in taps]
+    materialised = [
+        i for i in range(len(leaves)) if i not in taps and i not in unused
+    ]
     _LOGGER.info(
         'clipped_grad ghost clipping: %d parameter leaves by ghost norm '
-        '(%s), %d materialised per example',
+        '(%s), %d materialised per example, %d weights transformed from '
+        'parameters',
         len(taps),
         ', '.join(sorted({t.eqn.primitive.name for t in taps.values()})),
         len(materialised),
+        len(plan.transforms) if plan is not None else 0,
     )
     taps_by_path = {tap.path: tap for tap in taps.values()}
 
     def example_loss(copies, perturbations, rest_example):
-      values = list(diff_leaves)
+      values = list(leaves)
       for leaf, copy in zip(materialised, copies):
         values[leaf] = copy
       activations = {}
@@ -406,7 +404,7 @@ def ghost_chunk_function(
       return losses, (losses, aux, activations)
 
     copies = [
-        jnp.broadcast_to(diff_leaves[i], (batch_size,) + diff_leaves[i].shape)
+        jnp.broadcast_to(leaves[i], (batch_size,) + leaves[i].shape)
         for i in materialised
     ]
     perturbations = {
@@ -424,9 +422,13 @@ def ghost_chunk_function(
     # Per-example gradients that exist: materialised leaves, and tapped
     # layers whose gradient is cheaper to form than its ghost norm.
     formed = dict(zip(materialised, copy_grads))
-    ghosts = {}
+    ghosts, rows = {}, {}
+    lora_taps = plan.lora_taps(taps) if plan is not None else frozenset()
+    forced = plan.forced(taps) if plan is not None else frozenset()
     for leaf, tap in taps.items():
-      if _ghost_layers.materialises(tap, tap.weight_shape):
+      if leaf in lora_taps:
+        continue
+      if leaf in forced or _ghost_layers.materialises(tap, tap.weight_shape):
         formed[leaf] = jax.vmap(
             lambda a, g, tap=tap: _gradient_to_leaf(
                 tap,
@@ -436,6 +438,12 @@ def ghost_chunk_function(
         )(activations[leaf], cotangents[leaf])
       else:
         ghosts[leaf] = tap
+    if plan is not None:
+      # Virtual leaves' gradients go to the parameters they are made from.
+      formed, rows = plan.leaf_gradients(
+          formed, taps, activations, cotangents, leaves, rest_leaves,
+          settings.spmd_axis_name,
+      )
     # Each leaf's squared norm goes to its clipping group (one group unless
     # l2_clip_norm is a pytree), and each leaf is scaled by its group's
     # factor, as the vmap path does.
@@ -459,10 +467,21 @@ def ghost_chunk_function(
               spmd_axis_name=settings.spmd_axis_name,
           )(activations[leaf], cotangents[leaf])
       )
+    for leaf, grad in rows.items():
+      squared = squared.at[:, groups[leaf]].add(
+          grad.squared_norms(settings.spmd_axis_name)
+      )
     norms = jnp.sqrt(squared)
     coefficients, keep = _clip_coefficients(norms, is_padding, settings)
 
-    summed = list(diff_leaves)
+    # Leaves that the loss does not use get zero.
+    summed = [
+        jnp.zeros(
+            leaf.shape,
+            _per_example.accumulation_dtype(leaf.dtype, settings.dtype),
+        )
+        for leaf in diff_leaves
+    ]
     for leaf, grad in formed.items():
       out_dtype = _per_example.accumulation_dtype(
           diff_leaves[leaf].dtype, settings.dtype
@@ -489,6 +508,14 @@ def ghost_chunk_function(
       (grad_sum,) = layer_pullback(scaled)
       out_dtype = _per_example.accumulation_dtype(weight.dtype, settings.dtype)
       summed[leaf] = grad_sum.astype(out_dtype)
+    for leaf, grad in rows.items():
+      summed[leaf] = grad.clipped_sum(
+          coefficients[:, groups[leaf]], keep
+      ).astype(
+          _per_example.accumulation_dtype(
+              diff_leaves[leaf].dtype, settings.dtype
+          )
+      )
     summed = jax.tree_util.tree_unflatten(diff_tree, summed)
     if len(argnums) == 1:
       (summed,) = summed

@@ -44,10 +44,38 @@ from __future__ import annotations
 import itertools
 import math
 
-import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
 
 from jax_privacy import _per_example
+
+CALL_PRIMITIVES = ('jit', 'pjit')
+_VIEW_PRIMITIVES = (
+    'broadcast_in_dim', 'convert_element_type', 'copy', 'copy_p', 'reshape',
+    'squeeze', 'transpose',
+)
+
+
+def is_view(eqn) -> bool:
+  """Whether ``eqn`` relabels the entries of one float array, one to one."""
+  if eqn.primitive.name not in _VIEW_PRIMITIVES or len(eqn.invars) != 1:
+    return False
+  source, target = eqn.invars[0].aval, eqn.outvars[0].aval
+  return (
+      source.size == target.size
+      and jnp.issubdtype(source.dtype, jnp.floating)
+      and jnp.issubdtype(target.dtype, jnp.floating)
+  )
+
+
+def inner_jaxpr(eqn):
+  """The called jaxpr of a ``jit`` equation, else None."""
+  if eqn.primitive.name in CALL_PRIMITIVES:
+    inner = eqn.params.get('jaxpr')
+    if isinstance(inner, jex_core.ClosedJaxpr):
+      return inner
+  return None
 
 
 def supported_use(eqn, operand: int) -> bool:
@@ -139,17 +167,18 @@ def _conv_window(tap, weight_shape):
   return [weight_shape[d] for d in rhs_spec[2:]]
 
 
-def _conv_rows(tap, activation, cotangent, weight_shape):
-  """Patches ``(groups, positions, in_group * window)``, ``(groups, pos, out)``.
+def _conv_slices(tap, activation, cotangent, weight_shape):
+  """One input slice per kernel offset, and the cotangent, position-major.
 
-  The patches are strided slices of the padded (and, for transposed
-  convolutions, dilated) input, one per kernel offset:
-  ``lax.conv_general_dilated_patches`` is itself a grouped convolution, much
-  slower on CPU.
+  Returns ``(slices, cot)``: for each offset of the kernel window (in
+  row-major order), the input elements it meets at every output position,
+  ``(positions, channels)``, strided slices of the padded (and, for
+  transposed convolutions, dilated) input; and the cotangent as
+  ``(positions, out channels)``. ``lax.conv_general_dilated_patches`` would
+  be a grouped convolution, much slower on CPU.
   """
   params = tap.eqn.params
   dims = params['dimension_numbers']
-  groups = params['feature_group_count']
   x = jnp.transpose(
       activation,
       (dims.lhs_spec[0],) + tuple(dims.lhs_spec[2:]) + (dims.lhs_spec[1],),
@@ -169,33 +198,59 @@ def _conv_rows(tap, activation, cotangent, weight_shape):
   window = _conv_window(tap, weight_shape)
   out_sizes = [cotangent.shape[d] for d in dims.out_spec[2:]]
   strides = params['window_strides']
-  patches = []
+  slices = []
   for offset in itertools.product(*(range(k) for k in window)):
     starts = [o * r for o, r in zip(offset, params['rhs_dilation'])]
-    patches.append(
-        lax.slice(
-            x,
-            [0] + starts + [0],
-            [x.shape[0]]
-            + [
-                s + (n - 1) * t + 1
-                for s, n, t in zip(starts, out_sizes, strides)
-            ]
-            + [x.shape[-1]],
-            [1] + list(strides) + [1],
-        )
+    piece = lax.slice(
+        x,
+        [0] + starts + [0],
+        [x.shape[0]]
+        + [s + (n - 1) * t + 1 for s, n, t in zip(starts, out_sizes, strides)]
+        + [x.shape[-1]],
+        [1] + list(strides) + [1],
     )
-  # (positions, channels, window) -> (groups, positions, in_group * window).
-  patches = jnp.stack(patches, axis=-1)
-  act = patches.reshape(
-      (-1, groups, patches.shape[-2] // groups * patches.shape[-1])
-  )
+    slices.append(piece.reshape((-1, x.shape[-1])))
   cot = jnp.transpose(
       cotangent, (dims.out_spec[0],) + tuple(dims.out_spec[2:])
       + (dims.out_spec[1],),
   )
+  return slices, cot.reshape((-1, cot.shape[-1]))
+
+
+def _conv_rows(tap, activation, cotangent, weight_shape):
+  """Patches ``(groups, positions, in_group * window)``, ``(groups, pos, out)``."""
+  groups = tap.eqn.params['feature_group_count']
+  slices, cot = _conv_slices(tap, activation, cotangent, weight_shape)
+  # (positions, channels, window) -> (groups, positions, in_group * window).
+  patches = jnp.stack(slices, axis=-1)
+  act = patches.reshape(
+      (-1, groups, patches.shape[-2] // groups * patches.shape[-1])
+  )
   cot = cot.reshape((-1, groups, cot.shape[-1] // groups))
   return jnp.swapaxes(act, 0, 1), jnp.swapaxes(cot, 0, 1)
+
+
+def _conv_gradient(tap, activation, cotangent, weight_shape, dtype):
+  """``(groups, in_group * window, out_group)``, one product per offset.
+
+  The same numbers as ``act^T cot`` of :func:`_conv_rows`, without forming
+  the patches: on CPU, a product per kernel offset of a slice of the input
+  is about twice as fast as the product of the (window times larger)
+  patch matrix, which must first be written out.
+  """
+  groups = tap.eqn.params['feature_group_count']
+  slices, cot = _conv_slices(tap, activation, cotangent, weight_shape)
+  cot = cot.astype(dtype).reshape((cot.shape[0], groups, -1))
+  grads = [
+      jnp.einsum(
+          'pgi,pgo->gio',
+          piece.astype(dtype).reshape((piece.shape[0], groups, -1)),
+          cot,
+      )
+      for piece in slices
+  ]
+  grad = jnp.stack(grads, axis=-2)
+  return grad.reshape((groups, -1, grad.shape[-1]))
 
 
 def rows(tap, activation, cotangent, weight_shape):
@@ -242,6 +297,11 @@ def materialises(tap, weight_shape) -> bool:
   if tap.eqn.primitive.name == 'gather':
     return False
   _, positions, size_in, size_out = _rows_shape(tap, weight_shape)
+  return forms_rows(positions, size_in, size_out)
+
+
+def forms_rows(positions: int, size_in: int, size_out: int) -> bool:
+  """The rule of :func:`materialises` for one group of row matrices."""
   return positions > 1 and 2 * positions * (size_in + size_out) >= (
       size_in * size_out
   )
@@ -264,13 +324,13 @@ def rows_squared_norm(act, cot):
 
 def tapped_gradient(tap, activation, cotangent, weight_shape):
   """One example's gradient for a tapped weight, in at least float32."""
-  act, cot = rows(tap, activation, cotangent, weight_shape)
   dtype = jnp.promote_types(
-      _per_example.at_least_f32(act.dtype), _per_example.at_least_f32(cot.dtype)
+      _per_example.at_least_f32(activation.dtype),
+      _per_example.at_least_f32(cotangent.dtype),
   )
-  grad = jnp.einsum('gpi,gpo->gio', act.astype(dtype), cot.astype(dtype))
   ndim = len(weight_shape)
   if tap.eqn.primitive.name == 'conv_general_dilated':
+    grad = _conv_gradient(tap, activation, cotangent, weight_shape, dtype)
     rhs_spec = tap.eqn.params['dimension_numbers'].rhs_spec
     window = _conv_window(tap, weight_shape)
     groups, size_in, size_out = grad.shape
@@ -280,22 +340,37 @@ def tapped_gradient(tap, activation, cotangent, weight_shape):
         [groups * size_out, size_in // math.prod(window)] + window
     )
     return jnp.transpose(grad, [rhs_spec.index(d) for d in range(ndim)])
+  act, cot = rows(tap, activation, cotangent, weight_shape)
+  grad = jnp.einsum('gpi,gpo->gio', act.astype(dtype), cot.astype(dtype))
   group_axes, in_axes, out_axes = _dense_weight_axes(tap, ndim)
   order = group_axes + in_axes + out_axes
   grad = grad.reshape([weight_shape[d] for d in order])
   return jnp.transpose(grad, [order.index(d) for d in range(ndim)])
 
 
-def embedding_squared_norm(tap, indices, cotangent, weight_shape):
-  """One example's squared gradient norm for a tapped embedding table."""
-  vocab, width = weight_shape
+def lookup_rows(indices, cotangent, vocab: int, mode):
+  """``(ids, cotangent rows)`` of one example's lookups of a table.
+
+  Out-of-range ids are dropped (``FILL_OR_DROP``: their cotangent is zero)
+  or clamped (the other modes), as the lookup itself does.
+  """
   ids = indices.reshape((-1,))
-  cot = cotangent.reshape((-1, width))
+  cot = cotangent.reshape((ids.shape[0], -1))
   cot = cot.astype(_per_example.at_least_f32(cot.dtype))
-  if tap.eqn.params['mode'] == lax.GatherScatterMode.FILL_OR_DROP:
-    valid = (ids >= 0) & (ids < vocab)
-    cot = jnp.where(valid[:, None], cot, 0)
-  else:
-    ids = jnp.clip(ids, 0, vocab - 1)
+  if mode == lax.GatherScatterMode.FILL_OR_DROP:
+    cot = jnp.where(((ids >= 0) & (ids < vocab))[:, None], cot, 0)
+  return jnp.clip(ids, 0, vocab - 1), cot
+
+
+def same_id_squared_norm(ids, cot):
+  """``||sum_p e_{id_p} cot_p^T||^2 = sum_{p,q: id_p = id_q} <cot_p, cot_q>``."""
   same = ids[:, None] == ids[None, :]
   return jnp.sum(jnp.where(same, cot @ cot.T, 0))
+
+
+def embedding_squared_norm(tap, indices, cotangent, weight_shape):
+  """One example's squared gradient norm for a tapped embedding table."""
+  ids, cot = lookup_rows(
+      indices, cotangent, weight_shape[0], tap.eqn.params['mode']
+  )
+  return same_id_squared_norm(ids, cot)
