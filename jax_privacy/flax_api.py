@@ -37,6 +37,14 @@ dicts of arrays, so optax, orbax and ``DPTrainer`` take them as they are)::
     ...  # train params with clipped_grad, DPTrainer or a gradient computer
     flax_api.nnx_update_params(model, trained_params)
 
+Parameter-efficient fine-tuning: ``trainable`` (an NNX filter, default
+``nnx.Param``) selects the parameters to train, e.g. ``trainable=
+nnx.LoRAParam`` for the adapters of ``nnx.LoRA`` / ``nnx.LoRALinear`` layers;
+pass the same filter to ``nnx_split_params``, ``nnx_loss`` (or
+``nnx_loss_wrapper``) and ``nnx_update_params``. The other parameters are
+constants of the loss: they get no per-example gradient, and no gradient at
+all.
+
 Randomness: the key handed to the loss (one per example: ``clipped_grad``
 splits its ``prng_argnum`` key, ``DPTrainer`` and the gradient computers do
 the same) seeds every random stream of the model for that example. Linen
@@ -52,8 +60,8 @@ Privacy:
   would update from the data during the forward pass is not privatised, so it
   is not supported: batch statistics (Linen ``nn.BatchNorm`` / a
   ``'batch_stats'`` collection, ``nnx.BatchNorm`` / ``nnx.BatchStat``) are
-  refused, and other non-parameter state (Linen collections other than
-  ``'params'``, NNX variables other than ``nnx.Param``) is read-only: it is
+  refused, and other state (Linen collections other than ``'params'``, NNX
+  variables other than the trainable ``nnx.Param`` ones) is read-only: it is
   passed to the model and returned unchanged. Metrics the wrappers report are
   computed on training examples without noise: they are not covered by the
   guarantee.
@@ -78,6 +86,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       "jax_privacy.flax_api needs flax: pip install 'flax>=0.12'"
   ) from e
 
+from jax_privacy import _flax_nnx
 from jax_privacy.dp_sgd import typing
 
 PyTree = Any
@@ -359,34 +368,40 @@ def _check_nnx_module(module) -> None:
     )
 
 
-def _split(module):
-  """``(graphdef, params, rngs, rest)`` states of ``module``."""
-  return nnx.split(module, nnx.Param, nnx.RngState, ...)
-
-
-def nnx_split_params(module: nnx.Module) -> tuple[dict, dict]:
+def nnx_split_params(
+    module: nnx.Module, *, trainable: Any = nnx.Param
+) -> tuple[dict, dict]:
   """The trainable parameters and the other state of an NNX module.
 
   Args:
     module: the NNX module.
+    trainable: an NNX filter selecting the parameters to train among the
+      ``nnx.Param`` variables (e.g. ``nnx.LoRAParam`` for LoRA adapters
+      only); the others are frozen. Variables that are not ``nnx.Param`` are
+      never trainable.
 
   Returns:
     ``(params, network_state)`` as plain nested dicts of arrays: the values
-    of the ``nnx.Param`` variables (what is trained and clipped), and of every
-    other variable except RNG state (read-only; the ``network_state`` of
-    :func:`nnx_loss_wrapper`).
+    of the selected ``nnx.Param`` variables (what is trained and clipped),
+    and of every other variable except RNG state, frozen parameters
+    included (read-only; the ``network_state`` of :func:`nnx_loss_wrapper`).
 
   Raises:
     ValueError: if ``module`` is not an NNX module or uses batch
-      normalization.
+      normalization, or ``trainable`` is not a filter or selects no
+      parameter.
   """
   _check_nnx_module(module)
-  _, params, _, rest = _split(module)
+  _, params, _, rest = _flax_nnx.split(module, trainable)
   return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def nnx_update_params(
-    module: nnx.Module, params: dict, network_state: dict | None = None
+    module: nnx.Module,
+    params: dict,
+    network_state: dict | None = None,
+    *,
+    trainable: Any = nnx.Param,
 ) -> nnx.Module:
   """Writes (trained) parameters back into ``module``, in place.
 
@@ -395,6 +410,7 @@ def nnx_update_params(
     params: parameters with the structure :func:`nnx_split_params` returns
       (e.g. ``state.params`` of a :class:`~jax_privacy.training.DPTrainer`).
     network_state: optionally, the other state, likewise.
+    trainable: the filter ``params`` were split with.
 
   Returns:
     ``module`` (updated in place), for chaining.
@@ -403,7 +419,7 @@ def nnx_update_params(
     ValueError: if a path of ``params`` is not a parameter of ``module``.
   """
   _check_nnx_module(module)
-  _, param_state, _, rest = _split(module)
+  _, param_state, _, rest = _flax_nnx.split(module, trainable)
   nnx.replace_by_pure_dict(param_state, params)
   nnx.update(module, param_state)
   if network_state is not None:
@@ -412,80 +428,12 @@ def nnx_update_params(
   return module
 
 
-def _copy(state):
-  """A State with new Variable objects holding the same values.
-
-  ``nnx.split`` returns the module's own Variables and ``nnx.merge`` reuses
-  those it is given, so without a copy a call would write (traced) values
-  into the user's module or into the loss's snapshot.
-  """
-  return jax.tree_util.tree_map(lambda leaf: leaf, state)
-
-
-def _filled(template, values: dict):
-  """A copy of the State ``template`` with the values of a pure dict."""
-  state = _copy(template)
-  nnx.replace_by_pure_dict(state, values)
-  return state
-
-
-def _as_typed_key(key) -> jax.Array:
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  return jax.random.wrap_key_data(key)
-
-
-def _reseeded(rng_template, key):
-  """RNG state where stream ``i`` is keyed by ``fold_in(key, i)``, count 0."""
-  if key is None:
-    return _copy(rng_template)
-  key = _as_typed_key(key)
-  flat = []
-  for i, (path, var) in enumerate(nnx.to_flat_state(rng_template)):
-    shape = var.get_value().shape
-    if isinstance(var, nnx.RngKey):
-      value = jax.random.fold_in(key, i)
-      if shape:
-        value = jax.random.split(value, shape)
-    else:
-      value = jnp.zeros(shape, var.get_value().dtype)
-    flat.append((path, var.replace(value)))
-  return nnx.from_flat_state(flat)
-
-
-class _NnxCall:
-  """Calls a snapshot of an NNX module with given params, state and key."""
-
-  def __init__(self, module, call_kwargs):
-    _check_nnx_module(module)
-    graphdef, params, rngs, rest = _split(module)
-    self._graphdef = graphdef
-    self._params = _copy(params)
-    self._rngs = _copy(rngs)
-    self._rest = _copy(rest)
-    self._call_kwargs = call_kwargs
-
-  def __call__(self, params, network_state, key, inputs):
-    rest = (
-        _copy(self._rest)
-        if network_state is None
-        else _filled(self._rest, network_state)
-    )
-    model = nnx.merge(
-        self._graphdef,
-        _filled(self._params, params),
-        _reseeded(self._rngs, key),
-        rest,
-    )
-    return model(inputs, **self._call_kwargs)
-
-
 def nnx_loss(
     module: nnx.Module,
     per_example_loss: PerExampleLoss,
     *,
     call_kwargs: Mapping[str, Any] | None = None,
+    trainable: Any = nnx.Param,
 ) -> Callable[..., jax.Array]:
   """The loss of one example of an NNX model, ``fun(params, example, key)``.
 
@@ -505,6 +453,11 @@ def nnx_loss(
     per_example_loss: ``(outputs, labels) -> losses`` for a batch of one
       example; the loss is the mean of what it returns.
     call_kwargs: extra keyword arguments of ``module(inputs, ...)``.
+    trainable: which ``nnx.Param`` variables ``params`` holds (see
+      :func:`nnx_split_params`), e.g. ``nnx.LoRAParam`` to fine-tune LoRA
+      adapters only. The other parameters are frozen at their values in the
+      snapshot: constants of ``fun``, with no gradient (per-example or
+      other) computed for them.
 
   Returns:
     ``fun(params, example, key=None)``: ``example`` is ``(inputs, labels)``
@@ -514,14 +467,21 @@ def nnx_loss(
     keys whenever the model is stochastic.
 
   Raises:
-    ValueError: on a bad argument or a module that uses batch normalization.
+    ValueError: on a bad argument, a module that uses batch normalization,
+      or a ``trainable`` filter that selects no parameter.
 
   Privacy:
-    Only the ``nnx.Param`` variables are trained; other state is constant
-    (changes the model makes to it during a call are discarded).
+    Only the selected ``nnx.Param`` variables are trained; other state,
+    frozen parameters included, is constant (changes the model makes to it
+    during a call are discarded). Frozen weights must not have been fitted
+    to the private data outside this mechanism (e.g. pretrained on public
+    data).
   """
   _check_per_example_loss(per_example_loss)
-  call = _NnxCall(module, _check_kwargs('call_kwargs', call_kwargs))
+  _check_nnx_module(module)
+  call = _flax_nnx.NnxCall(
+      module, _check_kwargs('call_kwargs', call_kwargs), trainable
+  )
 
   def loss(params, example, key=None):
     inputs, labels = _split_example(example)
@@ -537,6 +497,7 @@ def nnx_loss_wrapper(
     *,
     metrics_fn: MetricsFn | None = None,
     call_kwargs: Mapping[str, Any] | None = None,
+    trainable: Any = nnx.Param,
 ) -> typing.LossFn:
   """An NNX model as the loss wrapper of the ``dp_sgd`` gradient computers.
 
@@ -545,6 +506,7 @@ def nnx_loss_wrapper(
     per_example_loss: see :func:`nnx_loss`.
     metrics_fn: see :func:`linen_loss_wrapper`.
     call_kwargs: see :func:`nnx_loss`.
+    trainable: see :func:`nnx_loss`; split with the same filter.
 
   Returns:
     ``loss_fn(params, network_state, rng, inputs) -> (loss, (network_state,
@@ -553,13 +515,17 @@ def nnx_loss_wrapper(
     unchanged and ``rng`` seeds the module's RNG streams for this example.
 
   Raises:
-    ValueError: on a bad argument or a module that uses batch normalization.
+    ValueError: on a bad argument, a module that uses batch normalization,
+      or a ``trainable`` filter that selects no parameter.
 
   Privacy:
     See the module docstring; the metrics are not private.
   """
   _check_per_example_loss(per_example_loss)
-  call = _NnxCall(module, _check_kwargs('call_kwargs', call_kwargs))
+  _check_nnx_module(module)
+  call = _flax_nnx.NnxCall(
+      module, _check_kwargs('call_kwargs', call_kwargs), trainable
+  )
 
   def loss_fn(params, network_state, rng, inputs):
     x, labels = _split_example(inputs)
