@@ -248,8 +248,12 @@ def clipped_grad(
       book-keeping (:mod:`jax_privacy._ghost`) for parameters used once as
       the weight of a ``dot_general`` (dense, batched, einsum), a
       convolution (incl. grouped and transposed) or an embedding
-      ``gather``, also through reshapes and casts; norm scales and biases
-      by a reduction over positions; the other parameters' per-example
+      ``gather``, also through reshapes and casts, and through weights
+      computed from parameters alone (weight standardization, whose
+      per-example gradients are mapped back to the parameters; Keras LoRA
+      kernels ``K + s * A @ B``, whose factors' norms come without forming
+      the full kernel gradient); norm scales and biases by a reduction over
+      positions; the other parameters' per-example
       gradients are materialised (that leaf only). Needs the default
       ``pre_clipping_transform``. ``'auto'``: ghost when some parameter can
       be tapped and ``pre_clipping_transform`` is the identity, else

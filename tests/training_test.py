@@ -312,3 +312,23 @@ def test_checkpoint_tag_guards_settings_the_plan_does_not_cover(tmp_path):
   assert int(same.restore(directory, _params()).step) == 2
   with pytest.raises(ValueError, match='checkpoint_tag must be a str'):
     _trainer(checkpoint_tag=3)
+
+
+@pytest.mark.parametrize('method', ['ghost', 'auto'])
+def test_clipped_grad_method_changes_speed_not_the_result(method):
+  x, y = _data()
+  config = _config(iterations=5, l2_clip_norm=0.05)  # clipping is active
+  reference = _trainer(config)
+  other = _trainer(config, clipped_grad_method=method)
+  a = reference.fit((x, y), reference.init(_params()))
+  b = other.fit((x, y), other.init(_params()))
+  for leaf_a, leaf_b in zip(
+      jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)
+  ):
+    np.testing.assert_allclose(leaf_a, leaf_b, rtol=1e-5, atol=1e-6)
+  assert reference.epsilon_spent(a) == other.epsilon_spent(b)
+
+
+def test_clipped_grad_method_is_validated():
+  with pytest.raises(ValueError, match='clipped_grad_method'):
+    _trainer(clipped_grad_method='fast')
