@@ -123,16 +123,38 @@ def test_draws_are_the_normal_quantiles_of_jax_random_bits(impl, shape):
 
 
 def test_noise_is_the_documented_function_of_key_and_step():
+  # Leaves in tree order: 'b' (331 values), 's' (1), 'w' (317 x 331). The
+  # small float32 leaves b and s share one draw from b's key; w has its own.
   grads = _tree()
   _, second_step = _added_noise(grads, stddev=0.3, num_steps=2)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(0), 1), 3)
-  expected = [
-      0.3 * noise_addition._standard_normal_from_bits(
-          jax.random.bits(k, leaf.shape, jnp.uint32)
-      )
-      for k, leaf in zip(keys, jax.tree.leaves(grads))
-  ]
+  small = noise_addition._standard_normal_from_bits(
+      jax.random.bits(keys[0], (332,), jnp.uint32)
+  )
+  big = noise_addition._standard_normal_from_bits(
+      jax.random.bits(keys[2], TREE_SHAPES['w'], jnp.uint32)
+  )
+  expected = [0.3 * small[:331], 0.3 * small[331:], 0.3 * big]
   np.testing.assert_allclose(second_step, _flat(expected), atol=1e-6)
+
+
+def test_small_leaves_share_one_draw_without_changing_the_distribution():
+  specs = {f'leaf{i}': jax.ShapeDtypeStruct((64, 8), jnp.float32)
+           for i in range(40)}
+  specs['large'] = jax.ShapeDtypeStruct((300, 300), jnp.float32)
+  draws = noise_addition._standard_normal_tree
+  tree = draws(jax.random.key(3), specs)
+  small = np.concatenate(
+      [np.asarray(tree[f'leaf{i}']).ravel() for i in range(40)]
+  )
+  # Distinct leaves get distinct values (no key reuse across leaves).
+  leaves = small.reshape(40, -1)
+  assert np.abs(np.corrcoef(leaves)[np.triu_indices(40, 1)]).max() < 0.2
+  for values in (small, np.asarray(tree['large']).ravel()):
+    assert abs(values.mean()) < 4 / np.sqrt(values.size)
+    assert abs(values.std() - 1) < 0.02
+  other = draws(jax.random.key(4), specs)
+  assert not np.allclose(tree['leaf0'], other['leaf0'])
 
 
 def test_same_key_same_noise_different_key_different_noise():
