@@ -19,7 +19,9 @@ sees the per-example loss. Shapes:
   1000, next-token cross-entropy, sequence 64 (659,712 parameters).
 """
 
+import json
 import statistics
+import sys
 import time
 
 # Default batch size per model.
@@ -234,3 +236,27 @@ def jax_step_result(step, params, state, x, y, steps, warmup, max_seconds):
   result = time_loop(one, steps, warmup, max_seconds)
   result['compile_s'] = compile_s
   return result
+
+
+def fmt(value, digits):
+  """A table cell: '-' for None, thousands separators from 1,000 up."""
+  if value is None:
+    return '-'
+  if digits == 0 or abs(value) >= 1000:
+    return f'{value:,.0f}'
+  return f'{value:.{digits}f}'
+
+
+def emit(text, results, failed, args):
+  """Prints the report, writes ``--out``/``--json``, exits 1 on failures."""
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  if args.json == '-':
+    print(json.dumps(results, indent=1))
+  elif args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+  if failed:
+    sys.exit('failed: ' + ', '.join(failed))

@@ -349,14 +349,6 @@ def finish(model, batch_size, configs, best):
   return results
 
 
-def _fmt(value, digits):
-  if value is None:
-    return '-'
-  if digits == 0 or abs(value) >= 1000:
-    return f'{value:,.0f}'
-  return f'{value:.{digits}f}'
-
-
 def markdown_table(results):
   """The results as a markdown table, one row per model and configuration."""
   lines = [
@@ -369,9 +361,9 @@ def markdown_table(results):
     label = f"{_models.DESCRIPTIONS[r['model']]}, {r['batch_size']}"
     lines.append(
         f"| {label if label != previous else ''} | {r['config']} "
-        f"| {_fmt(r['median_ms'], 1)} | {_fmt(r['median_ratio'], 2)} "
-        f"| {_fmt(r['compile_s'], 2)} | {_fmt(r['compile_ratio'], 2)} "
-        f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['peak_ratio'], 2)} "
+        f"| {_models.fmt(r['median_ms'], 1)} | {_models.fmt(r['median_ratio'], 2)} "
+        f"| {_models.fmt(r['compile_s'], 2)} | {_models.fmt(r['compile_ratio'], 2)} "
+        f"| {_models.fmt(r['peak_rss_mb'], 0)} | {_models.fmt(r['peak_ratio'], 2)} "
         f"| {r['steps']} |"
     )
     previous = label
@@ -496,17 +488,7 @@ def main(argv=None):
     results.extend(model_results)
     failed.extend(f'{model}/{config}' for config in model_failed)
   text = markdown_table(results) + '\n' + legend(results) + goals(results)
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
-  if args.json == '-':
-    print(json.dumps(results, indent=1))
-  elif args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
-  if failed:
-    sys.exit('failed: ' + ', '.join(failed))
+  _models.emit(text, results, failed, args)
 
 
 if __name__ == '__main__':

@@ -245,7 +245,7 @@ def describe(shape):
 
 def markdown_table(results):
   """One row per configuration: time, compile and peak RSS with ratios."""
-  fmt = clipping_benchmark._fmt  # pylint: disable=protected-access
+  fmt = _models.fmt
   lines = [
       '| config | median ms | ratio | compile s | ratio | peak RSS MB '
       '| ratio | GFLOP | ratio | steps |',
@@ -332,17 +332,7 @@ def main(argv=None):
       + '\n'.join(f"- `{r['config']}`: {r['what']}" for r in results)
       + goals(results)
   )
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
-  if args.json == '-':
-    print(json.dumps(results, indent=1))
-  elif args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
-  if failed:
-    sys.exit('failed: ' + ', '.join(failed))
+  _models.emit(text, results, failed, args)
 
 
 if __name__ == '__main__':

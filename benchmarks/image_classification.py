@@ -210,14 +210,6 @@ def finish(configs, best, args):
   return results
 
 
-def _fmt(value, digits):
-  if value is None:
-    return '-'
-  if digits == 0 or abs(value) >= 1000:
-    return f'{value:,.0f}'
-  return f'{value:.{digits}f}'
-
-
 def markdown_table(results):
   """The results as a markdown table, one row per configuration."""
   lines = [
@@ -228,9 +220,9 @@ def markdown_table(results):
   for r in results:
     lines.append(
         f"| {r['config']} | {r['images_per_step']} "
-        f"| {_fmt(r['median_ms'], 1)} | {_fmt(r['median_ratio'], 2)} "
-        f"| {_fmt(r['compile_s'], 2)} | {_fmt(r['compile_ratio'], 2)} "
-        f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['peak_ratio'], 2)} "
+        f"| {_models.fmt(r['median_ms'], 1)} | {_models.fmt(r['median_ratio'], 2)} "
+        f"| {_models.fmt(r['compile_s'], 2)} | {_models.fmt(r['compile_ratio'], 2)} "
+        f"| {_models.fmt(r['peak_rss_mb'], 0)} | {_models.fmt(r['peak_ratio'], 2)} "
         f"| {r['steps']} |")
   return '\n'.join(lines)
 
@@ -253,8 +245,8 @@ def summary(results):
                  else f"missed by {r['median_ratio'] - GOAL:.2f}x")
       goal_lines.append(
           f"- {r['config']}: {r['median_ratio']:.2f}x {r['baseline']} "
-          f'(<= {GOAL}x: {verdict}); peak RSS {_fmt(r["peak_ratio"], 2)}x, '
-          f'compile {_fmt(r["compile_ratio"], 2)}x')
+          f'(<= {GOAL}x: {verdict}); peak RSS {_models.fmt(r["peak_ratio"], 2)}x, '
+          f'compile {_models.fmt(r["compile_ratio"], 2)}x')
   if goal_lines:
     goal_lines.insert(0, '\nGoal, DP step <= 2x non-private on CPU:')
   return '\n'.join(lines), '\n'.join(goal_lines)
@@ -299,17 +291,7 @@ def main(argv=None):
   results, failed = run(configs, args)
   header, goals = summary(results)
   text = header + '\n' + markdown_table(results) + '\n' + goals
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
-  if args.json == '-':
-    print(json.dumps(results, indent=1))
-  elif args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
-  if failed:
-    sys.exit('failed: ' + ', '.join(failed))
+  _models.emit(text, results, failed, args)
 
 
 if __name__ == '__main__':
