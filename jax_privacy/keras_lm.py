@@ -18,7 +18,7 @@ low-rank adapters are trained, and the unit of privacy is one sequence::
                   loss=keras_lm.SequenceCrossentropy(),
                   weighted_metrics=[keras_lm.SequenceAccuracy()])
     model.fit(x, y, epochs=...)
-    print(keras_lm.privacy_statement(model, sequence_length=128))
+    statement = keras_lm.privacy_statement(model, sequence_length=128)
 
 ``x`` is the dict of ``token_ids`` and ``padding_mask`` that keras-hub
 backbones take, ``y`` the next-token labels with `IGNORE_LABEL` at padding

@@ -28,7 +28,7 @@ Typical use with :class:`jax_privacy.training.DPTrainer`::
     trainer = DPTrainer(loss_fn=loss, config=config,
                         optimizer=optax.adam(1e-3), sampling_seed=2)
     state = trainer.fit(examples, trainer.init(params))
-    print(privacy_statement(config, PrivacyUnit(max_tokens=128)))
+    statement = privacy_statement(config, PrivacyUnit(max_tokens=128))
 
 Memorisation is measured with canaries (:func:`make_canaries`) and their
 exposure (:func:`canary_exposure`, :func:`estimated_exposure`). The guide is
