@@ -13,10 +13,13 @@ us). Each shipped table row is a TOML file in ``configs/``::
 
 Privacy:
   The privacy-relevant fields are ``epsilon``, ``delta``, ``batch_size``
-  (the expected size of a Poisson-sampled batch), ``num_steps`` and
-  ``clip_norm``; the noise multiplier is not a field: the runner calibrates
-  it with the PLD accountant so that ``num_steps`` steps spend at most
-  ``epsilon`` at ``delta``. ``physical_batch_size``, ``augmult``,
+  (the expected size of a Poisson-sampled batch), ``num_steps``,
+  ``clip_norm`` and the optional ``noise_multiplier``. By default the runner
+  calibrates the noise multiplier with the PLD accountant so that
+  ``num_steps`` steps spend at most ``epsilon`` at ``delta``; a config that
+  sets ``noise_multiplier`` (e.g. the paper's sigma, for an exact rerun)
+  uses it as given, and the runner refuses it before compiling anything if
+  ``num_steps`` steps at that sigma would spend more than ``epsilon``. ``physical_batch_size``, ``augmult``,
   ``grad_method``, the optimizer and averaging change speed, memory or
   accuracy, never the guarantee.
 
@@ -41,7 +44,8 @@ OPTIMIZERS = ('sgd', 'adam')
 GRAD_METHODS = ('auto', 'vectorized', 'ghost')
 # Fields that describe where the values come from; they never change a run.
 PROVENANCE_FIELDS = (
-    'paper', 'table', 'row', 'published_accuracy', 'unverified', 'notes',
+    'paper', 'table', 'row', 'published_accuracy', 'paper_noise_multiplier',
+    'unverified', 'notes',
 )
 # Fields that change neither the mechanism nor the trajectory of a run (so
 # a checkpoint may be resumed with other values).
@@ -117,6 +121,10 @@ class ExperimentConfig:
     weight_decay: L2 weight decay, ``>= 0``: ``weight_decay * params`` is
       added to the noisy gradient before the optimizer (post-processing).
     clip_norm: per-example L2 clipping norm, ``> 0``.
+    noise_multiplier: None (default: calibrated with the PLD accountant to
+      spend ``epsilon`` in ``num_steps`` steps), or the noise standard
+      deviation over the clip norm, ``> 0``, used as given (the run is
+      refused if it would spend more than ``epsilon``).
     ema_decay: decay of the exponential moving average of the parameters,
       in ``(0, 1)`` (with the warm-up ``min(ema_decay, (1 + t) / (10 + t))``
       of ``averaging.with_parameter_averages``).
@@ -137,6 +145,9 @@ class ExperimentConfig:
     row: the row of that table.
     published_accuracy: the accuracy the paper reports for the row, in
       percent, or None.
+    paper_noise_multiplier: the noise multiplier the paper used for the
+      row, or None (provenance only: set ``noise_multiplier`` to run with
+      it).
     unverified: names of fields whose value we could not check against the
       paper (our choice, documented as such).
     notes: free text: what differs from the paper and why.
@@ -162,6 +173,7 @@ class ExperimentConfig:
   momentum: float = 0.0
   weight_decay: float = 0.0
   clip_norm: float = 1.0
+  noise_multiplier: float | None = None
   ema_decay: float = 0.999
   polyak_start_step: int = 0
   eval_every: int = 100
@@ -175,6 +187,7 @@ class ExperimentConfig:
   table: str = ''
   row: str = ''
   published_accuracy: float | None = None
+  paper_noise_multiplier: float | None = None
   unverified: tuple[str, ...] = ()
   notes: str = ''
 
@@ -225,6 +238,12 @@ class ExperimentConfig:
         'weight_decay', self.weight_decay, lambda v: v >= 0, '[0, inf)'
     )
     _check_real('clip_norm', self.clip_norm, lambda v: v > 0, '(0, inf)')
+    for name in ('noise_multiplier', 'paper_noise_multiplier'):
+      if getattr(self, name) is not None:
+        _check_real(
+            name, getattr(self, name), lambda v: v > 0,
+            '(0, inf) or absent (none)',
+        )
     _check_real('ema_decay', self.ema_decay, lambda v: 0 < v < 1, '(0, 1)')
     _check_int('polyak_start_step', self.polyak_start_step, 0)
     if self.polyak_start_step >= self.num_steps:
@@ -291,7 +310,8 @@ def _coerce(name: str, value: Any) -> Any:
     return tuple(value)
   float_fields = (
       'epsilon', 'delta', 'learning_rate', 'momentum', 'weight_decay',
-      'clip_norm', 'ema_decay', 'published_accuracy',
+      'clip_norm', 'ema_decay', 'published_accuracy', 'noise_multiplier',
+      'paper_noise_multiplier',
   )
   if name in float_fields and _is_int(value):
     return float(value)

@@ -12,7 +12,8 @@
    expected batch size ``batch_size``, per-example clipping to
    ``clip_norm``, and the noise multiplier calibrated with the PLD
    accountant so that ``num_steps`` steps spend at most ``epsilon`` at
-   ``delta``.
+   ``delta`` (or ``noise_multiplier`` as given, e.g. the paper's, refused
+   if those steps would spend more than ``epsilon``).
 3. The loss of one example is the mean loss of its ``augmult`` augmented
    views (``augmult.make_augmult_loss``), clipped as one gradient by
    ``clipped_grad`` with ``grad_method`` ('auto': ghost clipping where it
@@ -225,6 +226,22 @@ def _batch_axis(mesh) -> str:
   return 'batch' if 'batch' in mesh.shape else mesh.axis_names[0]
 
 
+def _check_budget(config, plan_config) -> None:
+  """A given noise multiplier must keep the whole run within epsilon."""
+  if config.noise_multiplier is None:
+    return  # calibrated to epsilon by the plan
+  spent = plan_config.epsilon_after(config.num_steps)
+  if not spent <= config.epsilon:
+    raise ValueError(
+        f'noise_multiplier {config.noise_multiplier:g} is too small: '
+        f'{config.num_steps} steps at expected batch {config.batch_size} '
+        f'of {plan_config.num_examples} examples would spend epsilon '
+        f'{spent:.4f} > epsilon {config.epsilon:g} at delta '
+        f'{config.delta:g}; raise noise_multiplier, lower num_steps, or '
+        'leave noise_multiplier out to calibrate it to epsilon'
+    )
+
+
 def prepare(
     config: config_lib.ExperimentConfig,
     *,
@@ -249,8 +266,9 @@ def prepare(
   Raises:
     ValueError: on a batch size above the data set size, images of another
       size, labels out of range, a model with batch normalization, a
-      physical batch size that does not split over the mesh, or a missing
-      pretrained checkpoint.
+      physical batch size that does not split over the mesh, a missing
+      pretrained checkpoint, or a ``noise_multiplier`` too small for
+      ``epsilon``.
     FileNotFoundError: if the data files are missing (the message says what
       to put where).
   """
@@ -301,11 +319,13 @@ def prepare(
       iterations=config.num_steps,
       num_examples=num_examples,
       expected_batch_size=config.batch_size,
-      epsilon=config.epsilon,
+      epsilon=None if config.noise_multiplier is not None else config.epsilon,
+      noise_multiplier=config.noise_multiplier,
       delta=config.delta,
       l2_clip_norm=config.clip_norm,
       noise_seed=seeds.noise,
   )
+  _check_budget(config, plan_config)
   function = NnxFunction(model)
   normalize = _normalizer(config)
   return Prepared(
@@ -508,12 +528,13 @@ def run(
     )
   prepared = prepare(config, mesh=mesh, data=data)
   sigma = prepared.plan_config.calibrated_noise_multiplier
+  origin = 'calibrated' if config.noise_multiplier is None else 'given'
   log(
       f'{config.model} ({prepared.num_params:,} parameters) on '
       f'{config.dataset} ({len(prepared.train["label"])} training examples)'
       f': {config.num_steps} steps, expected batch {config.batch_size}, '
-      f'augmult {config.augmult}, noise multiplier {sigma:.4f} for '
-      f'({config.epsilon:g}, {config.delta:g})-DP'
+      f'augmult {config.augmult}, noise multiplier {sigma:.4f} '
+      f'({origin}) for ({config.epsilon:g}, {config.delta:g})-DP'
   )
   trainer = make_trainer(prepared, mesh=mesh)
   params = prepared.function.params
