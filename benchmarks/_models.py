@@ -20,9 +20,14 @@ sees the per-example loss. Shapes:
 """
 
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Default batch size per model.
 BATCH_SIZES = {'mlp': 256, 'cnn': 128, 'transformer': 32}
@@ -260,3 +265,93 @@ def emit(text, results, failed, args):
       json.dump(results, f, indent=1)
   if failed:
     sys.exit('failed: ' + ', '.join(failed))
+
+
+def jit_step(grad_fn, optimizer):
+  """One jitted update: ``step(params, state, x, y) -> (params, state)``.
+
+  ``grad_fn(params, x, y)`` returns the (clipped, or plain) gradient;
+  ``optimizer`` is an optax transformation (the noise, if any, is part of
+  it).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = grad_fn(params, x, y)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def run_child(command, env=None, timeout=1800.0):
+  """Runs ``command``; returns (returncode, stdout, stderr, peak RSS MB).
+
+  The peak RSS is the child's ``ru_maxrss``, read with ``os.wait4``. On
+  Linux it is at least the parent's RSS at fork time, so the children also
+  report their own high-water mark (:func:`own_peak_rss_mb`), which
+  :func:`child_result` prefers.
+  """
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile(
+      'w+'
+  ) as err:
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        command, stdout=out, stderr=err, cwd=HERE, env=env, text=True
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
+      if time.monotonic() > deadline:
+        proc.kill()
+        pid, status, usage = os.wait4(proc.pid, 0)
+        break
+      time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+
+
+def child_result(label, command, env=None):
+  """Runs one benchmark child and reads the JSON result it prints last.
+
+  Adds ``peak_rss_mb`` (the child's own high-water mark, else its
+  ``ru_maxrss``) and ``wall_s``, and prints a progress line to stderr.
+
+  Returns:
+    The result dict, or None if the child failed (its last stderr line is
+    printed).
+  """
+  start = time.perf_counter()
+  code, out, err, rss = run_child(command, env=env)
+  wall = time.perf_counter() - start
+  if code:
+    tail = (err.strip().splitlines() or ['?'])[-1]
+    print(f'{label} failed ({code}): {tail}', file=sys.stderr, flush=True)
+    return None
+  result = json.loads(out.strip().splitlines()[-1])
+  result['peak_rss_mb'] = result.pop('own_peak_rss_mb', None) or rss
+  result['wall_s'] = wall
+  print(
+      f"{label}: {result['median_ms']:.1f} ms/step ({result['steps']} "
+      f'steps, {wall:.0f} s)',
+      file=sys.stderr, flush=True,
+  )
+  return result
+
+
+BEST_OF_ROUNDS = ('median_ms', 'min_ms', 'compile_s', 'peak_rss_mb')
+
+
+def keep_best(best, config, result, keys=BEST_OF_ROUNDS):
+  """Stores ``result`` as ``best[config]``, keeping the lowest ``keys``
+  over the rounds run so far."""
+  old = best.get(config, {})
+  for key in keys:
+    if old.get(key) is not None and result.get(key) is not None:
+      result[key] = min(old[key], result[key])
+  best[config] = result

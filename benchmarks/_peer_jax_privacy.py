@@ -55,11 +55,7 @@ def main():
   )
   state = optimizer.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    grads = grad_fn(params, x, y)
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  step = _models.jit_step(grad_fn, optimizer)
 
   result = _models.jax_step_result(
       step, params, state, x, y, args.steps, args.warmup, args.max_seconds

@@ -50,7 +50,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import _models
@@ -165,34 +164,8 @@ def _clean_env():
   return env
 
 
-def run_child(command, env=None, timeout=1800.0):
-  """Runs ``command``; returns (returncode, stdout, stderr, peak RSS MB).
-
-  The peak RSS is the child's ``ru_maxrss``, read with ``os.wait4``. On
-  Linux it is at least the parent's RSS at fork time, so the children also
-  report their own high-water mark (``_models.own_peak_rss_mb``), which
-  `run` prefers.
-  """
-  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile(
-      'w+'
-  ) as err:
-    proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        command, stdout=out, stderr=err, cwd=HERE, env=env, text=True
-    )
-    deadline = time.monotonic() + timeout
-    while True:
-      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-      if pid:
-        break
-      if time.monotonic() > deadline:
-        proc.kill()
-        pid, status, usage = os.wait4(proc.pid, 0)
-        break
-      time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out.seek(0)
-    err.seek(0)
-    return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+# Kept here too: other benchmarks and tests import it from this module.
+run_child = _models.run_child
 
 
 def _child_command(config, model, batch_size, args):
@@ -256,12 +229,7 @@ def _child(config, model, batch_size, steps, warmup, max_seconds):
     )
   state = optimizer.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    grads = grad_fn(params, x, y)
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  step = _models.jit_step(grad_fn, optimizer)
   result = _models.jax_step_result(
       step, params, state, x, y, steps, warmup, max_seconds
   )
@@ -298,31 +266,11 @@ def run_model(model, batch_size, configs, args):
         print(f'{model} {config}: {e}', file=sys.stderr, flush=True)
         failed.append(config)
         continue
-      start = time.perf_counter()
-      code, out, err, rss = run_child(command, env=env)
-      wall = time.perf_counter() - start
-      if code:
-        tail = (err.strip().splitlines() or ['?'])[-1]
-        print(f'{model} {config} failed ({code}): {tail}', file=sys.stderr,
-              flush=True)
+      result = _models.child_result(f'{model} {config}', command, env=env)
+      if result is None:
         failed.append(config)
         continue
-      result = json.loads(out.strip().splitlines()[-1])
-      # The child's own high-water mark; ru_maxrss of a child also counts
-      # this (parent) process's memory at fork time.
-      result['peak_rss_mb'] = result.pop('own_peak_rss_mb', None) or rss
-      result['wall_s'] = wall
-      print(
-          f"{model} {config}: {result['median_ms']:.1f} ms/step "
-          f"({result['steps']} steps, {wall:.0f} s)",
-          file=sys.stderr, flush=True,
-      )
-      if config in best:
-        old = best[config]
-        for key in ('median_ms', 'min_ms', 'compile_s', 'peak_rss_mb'):
-          if old.get(key) is not None and result.get(key) is not None:
-            result[key] = min(old[key], result[key])
-      best[config] = result
+      _models.keep_best(best, config, result)
   return finish(model, batch_size, configs, best), failed
 
 

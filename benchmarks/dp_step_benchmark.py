@@ -66,11 +66,7 @@ def _run_one(config, model, batch_size, steps):
   )
   state = optimizer.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    grads = grad_fn(params, x, y)
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  step = _models.jit_step(grad_fn, optimizer)
 
   start, start_cpu = time.perf_counter(), time.process_time()
   params, state = step(params, state, x, y)

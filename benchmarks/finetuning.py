@@ -42,10 +42,8 @@ import json
 import logging
 import os
 import sys
-import time
 
 import _models
-import clipping as clipping_benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(os.path.dirname(HERE), 'examples')
@@ -157,12 +155,7 @@ def _child(config, shape, steps, warmup, max_seconds):
     )
   state = optimizer.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    grads = grad_fn(params, x, y)
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  step = _models.jit_step(grad_fn, optimizer)
   cost = step.lower(params, state, inputs, labels).cost_analysis()
   result = _models.jax_step_result(
       step, params, state, inputs, labels, steps, warmup, max_seconds
@@ -197,29 +190,13 @@ def run(configs, shape, args):
   """
   best, failed = {}, []
   for config in [c for _ in range(args.rounds) for c in configs]:
-    start = time.perf_counter()
-    code, out, err, rss = clipping_benchmark.run_child(
-        _child_command(config, shape, args)
+    result = _models.child_result(
+        config, _child_command(config, shape, args)
     )
-    wall = time.perf_counter() - start
-    if code:
-      tail = (err.strip().splitlines() or ['?'])[-1]
-      print(f'{config} failed ({code}): {tail}', file=sys.stderr, flush=True)
+    if result is None:
       failed.append(config)
       continue
-    result = json.loads(out.strip().splitlines()[-1])
-    result['peak_rss_mb'] = result.pop('own_peak_rss_mb', None) or rss
-    result['wall_s'] = wall
-    print(
-        f"{config}: {result['median_ms']:.1f} ms/step ({result['steps']} "
-        f'steps, {wall:.0f} s)',
-        file=sys.stderr, flush=True,
-    )
-    for key in ('median_ms', 'min_ms', 'compile_s', 'peak_rss_mb'):
-      old = best.get(config, {}).get(key)
-      if old is not None and result.get(key) is not None:
-        result[key] = min(old, result[key])
-    best[config] = result
+    _models.keep_best(best, config, result)
   results = []
   base = best.get('non_private')
   for config in configs:
