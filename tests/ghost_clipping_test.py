@@ -7,6 +7,7 @@ import pytest
 
 from jax_privacy import _ghost
 from jax_privacy import clipping
+from _test_helpers import assert_trees_close  # pylint: disable=g-import-not-at-top
 
 
 def _normal(seed, shape, scale=1.0):
@@ -22,17 +23,6 @@ def _run(method, loss, args, **kwargs):
   return jax.jit(fn)(*args)
 
 
-def _assert_trees_close(expected, actual, rtol=1e-5):
-  exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
-  act_leaves, act_tree = jax.tree_util.tree_flatten(actual)
-  assert exp_tree == act_tree
-  for exp, act in zip(exp_leaves, act_leaves):
-    exp, act = np.asarray(exp), np.asarray(act)
-    assert exp.shape == act.shape and exp.dtype == act.dtype
-    scale = np.max(np.abs(exp)) if exp.size else 0.0
-    np.testing.assert_allclose(act, exp, rtol=rtol, atol=1e-6 * scale + 1e-12)
-
-
 def _assert_methods_agree(loss, args, methods=('ghost',), **kwargs):
   """A method gives the vmap path's clipped sum, norms and values."""
   expected = _run('vectorized', loss, args, **kwargs)
@@ -43,7 +33,7 @@ def _assert_methods_agree(loss, args, methods=('ghost',), **kwargs):
     kwargs['l2_clip_norm'] = float(np.median(norms))
     expected = _run('vectorized', loss, args, **kwargs)
   for method in methods:
-    _assert_trees_close(expected, _run(method, loss, args, **kwargs))
+    assert_trees_close(expected, _run(method, loss, args, **kwargs))
   return expected
 
 
@@ -241,10 +231,10 @@ def test_padding_microbatching_aux_rescale_and_normalize():
     results.append(jax.jit(fn)(params, x, y, is_padding_example=is_padding))
   expected, actual = results
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(actual[0]))
-  _assert_trees_close(expected[0], actual[0])
+  assert_trees_close(expected[0], actual[0])
   keep = ~np.asarray(is_padding)
-  _assert_trees_close(expected[1].grad_norms[keep], actual[1].grad_norms[keep])
-  _assert_trees_close(expected[1].aux['double'][keep],
+  assert_trees_close(expected[1].grad_norms[keep], actual[1].grad_norms[keep])
+  assert_trees_close(expected[1].aux['double'][keep],
                       actual[1].aux['double'][keep])
 
 
@@ -254,7 +244,7 @@ def test_nan_safe_drops_a_non_finite_example():
   expected = _run('vectorized', _mlp_loss, (params, x, y), batch_argnums=(1, 2))
   actual = _run('ghost', _mlp_loss, (params, x, y), batch_argnums=(1, 2))
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(actual[0]))
-  _assert_trees_close(expected[0], actual[0])
+  assert_trees_close(expected[0], actual[0])
 
 
 def test_per_group_clipping_without_batch_dim():

@@ -10,6 +10,7 @@ import pytest
 from jax_privacy import _ghost
 from jax_privacy import _ghost_layers
 from jax_privacy import clipping
+from _test_helpers import assert_trees_close  # pylint: disable=g-import-not-at-top
 
 
 def _normal(seed, shape, scale=1.0):
@@ -163,17 +164,6 @@ def _run(method, loss, args, **kwargs):
   return jax.jit(fn)(*args[:-1], is_padding_example=args[-1])
 
 
-def _assert_close(expected, actual, rtol=1e-5):
-  exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
-  act_leaves, act_tree = jax.tree_util.tree_flatten(actual)
-  assert exp_tree == act_tree
-  for exp, act in zip(exp_leaves, act_leaves):
-    exp, act = np.asarray(exp), np.asarray(act)
-    assert exp.shape == act.shape and exp.dtype == act.dtype
-    scale = np.max(np.abs(exp)) if exp.size else 0.0
-    np.testing.assert_allclose(act, exp, rtol=rtol, atol=1e-6 * scale + 1e-12)
-
-
 def _assert_ghost_matches_vmap(loss, args, is_padding, **kwargs):
   """Same clipped sum, norms and values as the vmap path, some clipped.
 
@@ -186,9 +176,9 @@ def _assert_ghost_matches_vmap(loss, args, is_padding, **kwargs):
   keep = ~np.asarray(is_padding)
   norms = np.asarray(expected[1].grad_norms)[keep]
   assert np.any(norms > 1.0) and np.any(norms < 1.0), norms
-  _assert_close(expected[0], actual[0])
-  _assert_close(expected[1].grad_norms[keep], actual[1].grad_norms[keep])
-  _assert_close(expected[1].values[keep], actual[1].values[keep])
+  assert_trees_close(expected[0], actual[0])
+  assert_trees_close(expected[1].grad_norms[keep], actual[1].grad_norms[keep])
+  assert_trees_close(expected[1].values[keep], actual[1].values[keep])
 
 
 def _leaf_names(params):
@@ -328,7 +318,6 @@ def test_scale_and_bias_gradients_are_reductions_not_model_copies():
   per_example_weights = batch * 2 * width * width * 4
   assert temp['vectorized'] >= per_example_weights / 2
   assert temp['ghost'] < per_example_weights / 8, temp
-
 
 
 @pytest.mark.parametrize(

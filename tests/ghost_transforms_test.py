@@ -16,6 +16,7 @@ import pytest
 
 from jax_privacy import _ghost_transforms
 from jax_privacy import clipping
+from _test_helpers import assert_trees_close  # pylint: disable=g-import-not-at-top
 
 BATCH = 6
 
@@ -32,17 +33,6 @@ def _run(method, loss, args, **kwargs):
   return jax.jit(fn)(*args, is_padding_example=jnp.arange(BATCH) == 1)
 
 
-def _assert_trees_close(expected, actual, rtol=1e-5):
-  exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
-  act_leaves, act_tree = jax.tree_util.tree_flatten(actual)
-  assert exp_tree == act_tree
-  for exp, act in zip(exp_leaves, act_leaves):
-    exp, act = np.asarray(exp), np.asarray(act)
-    assert exp.shape == act.shape and exp.dtype == act.dtype
-    scale = np.max(np.abs(exp)) if exp.size else 0.0
-    np.testing.assert_allclose(act, exp, rtol=rtol, atol=1e-6 * scale + 1e-12)
-
-
 def _assert_methods_agree(loss, args, methods=('ghost',), **kwargs):
   """Each method gives the vmap path's clipped sum, norms and values.
 
@@ -57,7 +47,7 @@ def _assert_methods_agree(loss, args, methods=('ghost',), **kwargs):
   grads = jax.tree_util.tree_leaves(expected[0])
   assert all(np.any(np.asarray(g) != 0) for g in grads)
   for method in methods:
-    _assert_trees_close(expected, _run(method, loss, args, **kwargs))
+    assert_trees_close(expected, _run(method, loss, args, **kwargs))
   return expected
 
 
@@ -164,7 +154,7 @@ def test_weight_standardization_with_microbatches():
   actual = _run(
       'ghost', _ws_loss, (params, *data), l2_clip_norm=3.0, microbatch_size=4
   )
-  _assert_trees_close(expected, actual)
+  assert_trees_close(expected, actual)
 
 
 def test_shared_standardized_kernel_and_dense_weight_standardization():
@@ -403,7 +393,7 @@ def test_lora_does_not_form_full_size_per_example_gradients():
       for s in ghost
   )
   expected = _run_plain(loss, (params, frozen, x), 'vectorized')
-  _assert_trees_close(expected, _run_plain(loss, (params, frozen, x), 'ghost'))
+  assert_trees_close(expected, _run_plain(loss, (params, frozen, x), 'ghost'))
 
 
 def _run_plain(loss, args, method):
