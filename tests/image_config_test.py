@@ -181,7 +181,7 @@ def test_the_paper_rows_we_promise_are_shipped():
     assert f'cifar10_wrn_16_4_eps{eps}' in names
   assert 'cifar10_wrn_40_4_eps8' in names
   assert 'smoke_digits' in names
-  assert any(name.startswith('imagenet_') for name in names)
+  assert 'imagenet_nfnet_f3_finetune_eps0.5' in names  # the paper's model
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)

@@ -6,9 +6,12 @@ Models (Flax NNX; NHWC float32 images in, logits out), by name:
   Wide-ResNets with GroupNorm (16 groups) and weight-standardized
   convolutions, as De et al. 2022 train from scratch with DP-SGD
   (:mod:`~experiments.image_classification.models_wrn`).
-* ``'nf-resnet-50'`` and ``'nfnet-f0'``: normalizer-free networks (scaled
-  weight standardization, no normalization layer) for fine-tuning
-  (:mod:`~experiments.image_classification.models_nf`).
+* ``'nf-resnet-50'`` and ``'nfnet-f0'`` to ``'nfnet-f3'``: normalizer-free
+  networks (scaled weight standardization, no normalization layer) for
+  fine-tuning (:mod:`~experiments.image_classification.models_nf`). The
+  NFNets differ by depth only; :data:`NFNET_RESOLUTIONS` holds the train
+  and test image sizes Brock et al. 2021b use for each (e.g. 320 and 416
+  for NFNet-F3, which De et al. 2022 fine-tune on ImageNet).
 
 Example::
 
@@ -57,18 +60,20 @@ from experiments.image_classification import models_nf
 from experiments.image_classification import models_wrn
 from experiments.image_classification.models_layers import standardize_kernel
 from experiments.image_classification.models_layers import WSConv
+from experiments.image_classification.models_nf import NFNET_RESOLUTIONS
 from experiments.image_classification.models_nf import NFNet
 from experiments.image_classification.models_nf import NFResNet
 from experiments.image_classification.models_wrn import WideResNet
 
 __all__ = [
-    'MODEL_NAMES', 'NFNet', 'NFResNet', 'WSConv', 'WideResNet', 'build_model',
-    'check_per_example_safe', 'count_params', 'load_params', 'make_apply',
-    'save_params', 'standardize_kernel',
+    'MODEL_NAMES', 'NFNET_RESOLUTIONS', 'NFNet', 'NFResNet', 'WSConv',
+    'WideResNet', 'build_model', 'check_per_example_safe', 'count_params',
+    'load_params', 'make_apply', 'save_params', 'standardize_kernel',
 ]
 
 MODEL_NAMES = ('wrn-16-4', 'wrn-28-10', 'wrn-40-4', 'wrn-D-K',
-               'nf-resnet-50', 'nfnet-f0')
+               'nf-resnet-50', 'nfnet-f0', 'nfnet-f1', 'nfnet-f2',
+               'nfnet-f3')
 _WRN = re.compile(r'wrn-(\d+)-(\d+)')
 
 
@@ -86,7 +91,8 @@ def build_model(
       (:class:`WideResNet`); ``depths``, ``widths``, ``stem_width``,
       ``activation`` for :class:`NFResNet`; ``depths``, ``widths``,
       ``stem_widths``, ``group_size``, ``final_width_multiplier``,
-      ``activation``, ``dropout_rate`` for :class:`NFNet`.
+      ``activation``, ``dropout_rate`` for :class:`NFNet` (``depths``
+      defaults to the named variant's).
 
   Returns:
     The model, an ``nnx.Module`` mapping ``[batch, h, w, 3]`` float images
@@ -104,8 +110,9 @@ def build_model(
                          num_classes, rngs=rngs, **kwargs)
     elif key == 'nf-resnet-50':
       model = NFResNet(num_classes, rngs=rngs, **kwargs)
-    elif key == 'nfnet-f0':
-      model = NFNet(num_classes, rngs=rngs, **kwargs)
+    elif key in models_nf.NFNET_DEPTHS:
+      model = NFNet(num_classes, rngs=rngs,
+                    **{'depths': models_nf.NFNET_DEPTHS[key], **kwargs})
     else:
       raise ValueError(
           f'name must be one of {", ".join(MODEL_NAMES)}, got {name!r}'

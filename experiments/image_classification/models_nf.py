@@ -1,4 +1,4 @@
-"""Normalizer-free ResNets (NF-ResNet-50) and NFNets (NFNet-F0), in NNX.
+"""Normalizer-free ResNets (NF-ResNet-50) and NFNets (NFNet-F0 to F3), NNX.
 
 No normalization layer at all: signal propagation is kept by
 
@@ -26,8 +26,17 @@ residual branch initialized to 0, average-pool + 1x1 shortcuts, a final
 1x1 convolution to 3072 channels, GELU. Stochastic depth, used in the
 paper for training from scratch, is left out (these models are for
 fine-tuning); dropout before the head is optional (``dropout_rate``; 0.2
-in the paper). Both heads are dense layers initialized to zero, as for
-fine-tuning from a pretrained body.
+in the paper for F0). Both heads are dense layers initialized to zero, as
+for fine-tuning from a pretrained body.
+
+The larger NFNets differ from F0 by depth only (Brock et al. 2021b, the
+table of NFNet variants): NFNet-Fn has F0's stage depths times ``n + 1``
+(F1: 2, 4, 12, 6; F2: 3, 6, 18, 9; F3: 4, 8, 24, 12) and the same widths
+(:data:`NFNET_DEPTHS`), for 132.6M, 193.8M and 254.9M parameters with a
+1000-class head. The paper trains and tests each variant at its own image
+size (:data:`NFNET_RESOLUTIONS`); the networks accept any size (global
+average pooling before the head), so the sizes are recommendations, set
+with a config's ``image_size``.
 
 No variable depends on a batch statistic: every example is processed on its
 own, as per-example clipping requires.
@@ -45,7 +54,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import types
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +65,29 @@ from experiments.image_classification import models_layers
 
 _ALPHA = 0.2
 _WS_EPSILON = 1e-4
+_F0_DEPTHS = (1, 2, 6, 3)
+
+# Stage depths of the NFNet variants we build: F0's depths times n + 1.
+NFNET_DEPTHS = types.MappingProxyType({
+    f'nfnet-f{n}': tuple((n + 1) * depth for depth in _F0_DEPTHS)
+    for n in range(4)
+})
+
+
+class NFNetResolution(NamedTuple):
+  """The square image sizes an NFNet variant is trained and tested at."""
+
+  train: int
+  test: int
+
+
+# Brock et al. 2021b: the train / test image sizes of each variant.
+NFNET_RESOLUTIONS = types.MappingProxyType({
+    'nfnet-f0': NFNetResolution(train=192, test=256),
+    'nfnet-f1': NFNetResolution(train=224, test=320),
+    'nfnet-f2': NFNetResolution(train=256, test=352),
+    'nfnet-f3': NFNetResolution(train=320, test=416),
+})
 
 
 def _conv(in_features, out_features, kernel_size, *, rngs, strides=1,
@@ -253,7 +286,7 @@ class NFNetBlock(nnx.Module):
 
 
 class NFNet(nnx.Module):
-  """An NFNet (default: NFNet-F0)."""
+  """An NFNet (default: NFNet-F0; F1 to F3 with ``NFNET_DEPTHS``)."""
 
   head_name = 'classifier'
 
@@ -261,7 +294,7 @@ class NFNet(nnx.Module):
       self,
       num_classes: int,
       *,
-      depths: Sequence[int] = (1, 2, 6, 3),
+      depths: Sequence[int] = _F0_DEPTHS,
       widths: Sequence[int] = (256, 512, 1536, 1536),
       stem_widths: Sequence[int] = (16, 32, 64, 128),
       group_size: int = 128,
@@ -274,7 +307,8 @@ class NFNet(nnx.Module):
 
     Args:
       num_classes: outputs of the (zero-initialized) classifier.
-      depths: blocks per stage (strides 1, 2, 2, ...).
+      depths: blocks per stage (strides 1, 2, 2, ...); F0's by default,
+        ``NFNET_DEPTHS['nfnet-f3']`` for NFNet-F3.
       widths: output channels per stage (bottleneck width: a half).
       stem_widths: the channels of the four 3x3 stem convolutions (the
         first and the last have stride 2).
