@@ -1,8 +1,9 @@
 """Calibration: the noise, number of updates or batch size meeting a budget.
 
 Fix two of (noise multiplier, number of updates, batch size) and the budget
-(target_epsilon, target_delta); each function here finds the third by
-bisection on the training accountant's epsilon:
+(target_epsilon, target_delta); each function here finds the third by a
+search on the training accountant's epsilon (a bisection for the integers, a
+secant-guided bracket for the noise):
 
 >>> from jax_privacy.accounting import accountants, analysis, calibrate
 >>> accountant = analysis.DpsgdTrainingAccountant(
@@ -22,7 +23,12 @@ orders), each stage seeding the next, and only the last stage, a few
 evaluations, uses the exact accountant. The coarse stages only choose where
 to look: the result is decided, and its guarantee checked, by the exact
 accountant alone (it meets the target, the next value toward less privacy
-does not).
+does not). The noise search predicts the answer from epsilon values (a
+secant in log sigma, log epsilon) rather than bisecting, so its exact stage
+usually takes two evaluations, one on each side of the answer; and noise
+multipliers calibrated with the library's own training accountants are
+remembered in-process, keyed by every input, so calibrating the same
+settings again is free.
 
 Privacy:
   The guarantee is the accountant's (see `analysis.DpsgdTrainingAccountant`:
@@ -35,6 +41,8 @@ import math
 import numbers
 from typing import Callable, Optional
 
+from jax_privacy.accounting import _memo
+from jax_privacy.accounting import _noise_search
 from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 
@@ -147,6 +155,9 @@ def _search(
 
 
 _PLD_PROXY_INTERVALS = (1e-2, 1e-3)
+# Proxy evaluations are cheap: a narrower bracket there seeds the exact stage
+# close enough to its answer to finish in two evaluations.
+_PROXY_TOL_FRACTION = 0.25
 _RDP_PROXY_MAX_ORDERS = 24
 
 
@@ -200,6 +211,44 @@ def _cascade(
     except (_Unreachable, ValueError):
       continue
   return _search(ok_for(accountant), seed=seed, step=step, **search_kwargs)
+
+
+def _noise_cascade(
+    accountant,
+    epsilon_for: Callable[[analysis.TrainingAccountant, float], float],
+    *,
+    target: float,
+    seed: float,
+    lower: float,
+    tol: float,
+) -> float:
+  """`_noise_search.search_noise` with the proxies of `accountant`, then it.
+
+  Each proxy stage starts from the previous stage's answer and slope; one
+  that fails is skipped. Only the last stage, with `accountant` itself,
+  decides the result.
+  """
+  log_slope = None
+  for index, proxy in enumerate(_proxies(accountant)):
+    try:
+      result = _noise_search.search_noise(
+          lambda sigma, proxy=proxy: epsilon_for(proxy, sigma),
+          target=target, seed=seed, lower=lower, upper=_MAX_NOISE_MULTIPLIER,
+          tol=tol * _PROXY_TOL_FRACTION, log_slope=log_slope,
+          # The first stage brackets the answer from anywhere; later ones
+          # start near it and only refine the estimate.
+          settle=index > 0)
+    except (_noise_search.Unreachable, ValueError):
+      continue
+    # The finer accountant's answer is usually a little smaller: start just
+    # above the estimate, where the next stage can close its bracket with
+    # one more evaluation.
+    seed = result.estimate + tol * _PROXY_TOL_FRACTION
+    log_slope = result.log_slope
+  return float(_noise_search.search_noise(
+      lambda sigma: epsilon_for(accountant, sigma),
+      target=target, seed=seed, lower=lower, upper=_MAX_NOISE_MULTIPLIER,
+      tol=tol, log_slope=log_slope).noise_multiplier)
 
 
 def _largest_integer_within(
@@ -262,13 +311,20 @@ def calibrate_noise_multiplier(
 ) -> float:
   """Returns the smallest noise multiplier found that meets the budget.
 
-  Bracketing and bisection on the noise multiplier sigma, starting at
-  `initial_max_noise` and moving by doubling steps until the answer is
-  bracketed, then halving the bracket until it is narrower than `tol`; run
+  A bracket search on the noise multiplier sigma, starting at
+  `initial_max_noise`: the secant through the epsilon values nearest the
+  target (in log sigma, log epsilon) predicts the answer, and a pair of
+  points `tol` apart around the prediction closes the bracket; moves are
+  bounded by growing steps, and a bisection takes over when the predictions
+  stall, so the worst case stays logarithmic like the bisection's. It runs
   first with coarse versions of the accountant, then with `accountant`
-  itself from their answer (see the module docstring). The upper end is
-  returned, so epsilon(result) <= target_epsilon, and epsilon(result - tol)
-  > target_epsilon unless result - tol is below `initial_min_noise`.
+  itself from their answer (see the module docstring). The upper end of the
+  final bracket is returned, so epsilon(result) <= target_epsilon (computed
+  by `accountant`), and epsilon(result - tol) > target_epsilon unless
+  result - tol is below `initial_min_noise`. Any two answers with these
+  properties differ by less than `tol` (epsilon decreasing in sigma).
+  Results with the library's own training accountants are remembered
+  in-process, keyed by every input.
 
   Args:
     target_epsilon: Epsilon to meet, finite and > 0.
@@ -305,36 +361,41 @@ def calibrate_noise_multiplier(
         f'{initial_max_noise}), got {initial_min_noise!r}.'
     )
 
-  def ok_for(training_accountant):
-    def ok(noise_multiplier: float) -> bool:
-      if noise_multiplier == 0:
-        return False  # No noise: epsilon is infinite.
-      dp_params = analysis.DpParams(
-          noise_multipliers=noise_multiplier,
-          num_samples=num_samples,
-          delta=target_delta,
-          batch_sizes=batch_sizes,
-          examples_per_user=examples_per_user,
-          cycle_length=cycle_length,
-          truncated_batch_size=truncated_batch_size,
-      )
-      epsilon = training_accountant.compute_epsilon(num_updates, dp_params)
-      return epsilon <= target_epsilon
-    return ok
+  memo_key = _memo.key(
+      accountant, target_epsilon=target_epsilon, batch_sizes=batch_sizes,
+      num_updates=num_updates, num_samples=num_samples,
+      target_delta=target_delta, examples_per_user=examples_per_user,
+      cycle_length=cycle_length, truncated_batch_size=truncated_batch_size,
+      initial_max_noise=initial_max_noise,
+      initial_min_noise=initial_min_noise, tol=tol)
+  remembered = _memo.get(memo_key)
+  if remembered is not None:
+    return remembered
+
+  def epsilon_for(training_accountant, noise_multiplier: float) -> float:
+    dp_params = analysis.DpParams(
+        noise_multipliers=noise_multiplier,
+        num_samples=num_samples,
+        delta=target_delta,
+        batch_sizes=batch_sizes,
+        examples_per_user=examples_per_user,
+        cycle_length=cycle_length,
+        truncated_batch_size=truncated_batch_size,
+    )
+    return training_accountant.compute_epsilon(num_updates, dp_params)
 
   try:
-    return float(_cascade(
+    noise_multiplier = _noise_cascade(
         accountant,
-        ok_for,
+        epsilon_for,
+        target=target_epsilon,
         seed=float(initial_max_noise),
-        step=float(initial_max_noise),
-        fine_step=float(tol),
         lower=float(initial_min_noise),
-        upper=_MAX_NOISE_MULTIPLIER,
         tol=float(tol),
-        integer=False,
-    ))
-  except _Unreachable:
+    )
+    _memo.put(memo_key, noise_multiplier)
+    return noise_multiplier
+  except _noise_search.Unreachable:
     epsilon = accountant.compute_epsilon(
         num_updates,
         analysis.DpParams(
