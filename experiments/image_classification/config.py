@@ -93,7 +93,7 @@ class ExperimentConfig:
 
   Attributes:
     model: a name ``models.build_model`` knows ('wrn-16-4', 'wrn-40-4',
-      'wrn-D-K', 'nf-resnet-50', 'nfnet-f0', ...).
+      'wrn-D-K', 'nf-resnet-50', 'nfnet-f0' to 'nfnet-f3').
     dataset: the data set name ``data.load_dataset`` knows ('cifar10',
       'digits32', ...).
     data_dir: where the data files are (None: the loader's default; the
