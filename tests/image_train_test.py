@@ -308,7 +308,8 @@ def test_wrn_16_4_smoke_run_on_32x32_images_under_five_minutes():
   config = config_lib.load_config(
       SMOKE,
       ['model="wrn-16-4"', 'num_steps=4', 'batch_size=48',
-       'physical_batch_size=64', 'augmult=2', 'eval_every=4', 'log_every=1',
+       'physical_batch_size=64', 'augmult=2', 'crop_padding=4',
+       'eval_every=4', 'log_every=1',
        'polyak_start_step=0'],
   )
   results = train.run(config, log=lambda line: None)
