@@ -19,8 +19,8 @@ pytest.importorskip('flax')
 pytest.importorskip('sklearn')
 
 from experiments.image_classification import config as config_lib  # pylint: disable=g-import-not-at-top
-from experiments.image_classification import data  # pylint: disable=g-import-not-at-top
 from experiments.image_classification import train  # pylint: disable=g-import-not-at-top
+import _image_helpers  # pylint: disable=g-import-not-at-top
 
 CONFIGS = (
     pathlib.Path(__file__).resolve().parent.parent
@@ -28,33 +28,16 @@ CONFIGS = (
 )
 CIFAR10_TRAIN_SIZE = 50_000
 
+# Two steps of the shared tiny run, without augmentation.
 _TINY = dict(
-    model='wrn-10-1',
-    dataset='digits32',
-    num_classes=10,
-    image_size=8,
-    crop_padding=1,
-    flip=False,
-    epsilon=8.0,
-    delta=1e-5,
-    batch_size=128,
-    physical_batch_size=160,
-    augmult=1,
-    num_steps=2,
-    learning_rate=1.0,
-    grad_method='vectorized',
-    eval_every=2,
-    log_every=2,
+    _image_helpers.TINY, augmult=1, num_steps=2, learning_rate=1.0,
+    eval_every=2, log_every=2, polyak_start_step=0,
 )
 
 
 @pytest.fixture(scope='module')
 def digits8():
-  train_split, test_split = data.digits_32x32()
-  return tuple(
-      {'image': s['image'][:, ::4, ::4], 'label': s['label']}
-      for s in (train_split, test_split)
-  )
+  return _image_helpers.digits(4)
 
 
 def _event(sigma: float, q: float, steps: int) -> dp_accounting.DpEvent:

@@ -24,8 +24,8 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from experiments.image_classification import __main__ as cli  # pylint: disable=g-import-not-at-top
 from experiments.image_classification import config as config_lib  # pylint: disable=g-import-not-at-top
-from experiments.image_classification import data  # pylint: disable=g-import-not-at-top
 from experiments.image_classification import train  # pylint: disable=g-import-not-at-top
+import _image_helpers  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = (
@@ -33,38 +33,14 @@ SMOKE = (
     / 'smoke_digits.toml'
 )
 
-_TINY = dict(
-    model='wrn-10-1',
-    dataset='digits32',
-    num_classes=10,
-    image_size=8,
-    crop_padding=1,
-    flip=False,
-    epsilon=8.0,
-    delta=1e-5,
-    batch_size=128,
-    physical_batch_size=160,
-    augmult=2,
-    num_steps=12,
-    learning_rate=4.0,
-    grad_method='vectorized',
-    ema_decay=0.8,
-    polyak_start_step=6,
-    eval_every=6,
-    log_every=6,
-)
+_TINY = _image_helpers.TINY
 
 
 def _tiny(**changes):
   return config_lib.ExperimentConfig(**{**_TINY, **changes})
 
 
-def _digits(stride: int):
-  train_split, test_split = data.digits_32x32()
-  return tuple(
-      {'image': s['image'][:, ::stride, ::stride], 'label': s['label']}
-      for s in (train_split, test_split)
-  )
+_digits = _image_helpers.digits
 
 
 @pytest.fixture(scope='module')
