@@ -52,7 +52,10 @@ vmap engine for that leaf.
 A layer weight computed from parameters alone (weight standardization, a
 Keras LoRA kernel ``K + s * A @ B``) is cut out of the jaxpr as a virtual
 leaf and tapped like a parameter; its per-example gradient is mapped back
-to the parameters it is made of (:mod:`jax_privacy._ghost_transforms`).
+to the parameters it is made of (:mod:`jax_privacy._ghost_transforms`), a
+chunk of examples at a time, and when those parameters feed nothing else
+their clipped sum is the transform's VJP of the weight's book-kept sum
+(:mod:`jax_privacy._ghost_linear`).
 
 References:
   Goodfellow, "Efficient per-example gradient computations", 2015,
@@ -74,6 +77,7 @@ from jax.extend import core as jex_core
 import jax.numpy as jnp
 
 from jax_privacy import _ghost_layers
+from jax_privacy import _ghost_linear
 from jax_privacy import _ghost_transforms
 from jax_privacy import _per_example
 
@@ -98,43 +102,6 @@ class _Tap:
   @property
   def weight_shape(self) -> tuple[int, ...]:
     return tuple(self.eqn.invars[self.operand].aval.shape)
-
-
-def _book_keeping_layer(tap: _Tap, weight, activations):
-  """The tapped layer on a batch of activations, for book-keeping.
-
-  ``weight`` is the leaf. The views of ``tap.chain`` are applied except
-  casts, and the layer computes in at least float32 (and the leaf's dtype):
-  its weight gradient is the clipped sum over the batch, which a
-  low-precision layer (e.g. a bfloat16 Flax ``Dense`` of float32
-  parameters) would otherwise accumulate in low precision.
-  """
-  for eqn in tap.chain:
-    if eqn.primitive.name != 'convert_element_type':
-      weight = eqn.primitive.bind(
-          weight, **eqn.primitive.get_bind_params(eqn.params)
-      )
-  dtype = weight.dtype
-  if jnp.issubdtype(activations.dtype, jnp.floating):
-    dtype = jnp.promote_types(
-        dtype, _per_example.at_least_f32(activations.dtype)
-    )
-  outputs = jax.vmap(
-      lambda a: _ghost_layers.apply_layer(tap, a, weight, compute_dtype=dtype)
-  )(activations)
-  return outputs.astype(tap.eqn.outvars[0].aval.dtype)
-
-
-def _gradient_to_leaf(tap: _Tap, grad):
-  """Maps a gradient for the layer's weight back through ``tap.chain``."""
-  for eqn in reversed(tap.chain):
-    if eqn.primitive.name == 'transpose':
-      permutation = eqn.params['permutation']
-      grad = jnp.transpose(
-          grad, [permutation.index(d) for d in range(len(permutation))]
-      )
-    grad = grad.reshape(eqn.invars[0].aval.shape)
-  return grad
 
 
 def find_taps(jaxpr, num_leaves: int) -> dict[int, _Tap]:
@@ -268,11 +235,6 @@ def _clip_coefficients(norms, is_padding, settings):
   if settings.nan_safe:
     keep = keep & jnp.all(jnp.isfinite(norms), axis=1)
   return jnp.where(keep[:, None], scale, jnp.zeros_like(scale)), keep
-
-
-def _mask_examples(keep, x):
-  keep = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x, jnp.zeros_like(x))
 
 
 def _example_shape(x):
@@ -423,14 +385,30 @@ def ghost_chunk_function(
     # layers whose gradient is cheaper to form than its ghost norm.
     formed = dict(zip(materialised, copy_grads))
     ghosts, rows = {}, {}
+    # Each leaf's squared norm goes to its clipping group (one group unless
+    # l2_clip_norm is a pytree), and each leaf is scaled by its group's
+    # factor, as the vmap path does.
+    user_tree = jax.tree_util.tree_unflatten(diff_tree, diff_leaves)
+    groups = settings.clip_rule.leaf_groups(
+        user_tree[0] if len(argnums) == 1 else user_tree
+    )
     lora_taps = plan.lora_taps(taps) if plan is not None else frozenset()
     forced = plan.forced(taps) if plan is not None else frozenset()
+    linear = {}
+    if plan is not None:
+      linear = _ghost_linear.linear_taps(plan, taps, groups)
+    for index, (_, book_kept) in linear.items():
+      if not book_kept:
+        formed.update(_ghost_linear.linear_gradients(
+            plan, taps[index], activations, cotangents, leaves, rest_leaves,
+            batch_size, settings.spmd_axis_name,
+        ))
     for leaf, tap in taps.items():
-      if leaf in lora_taps:
+      if leaf in lora_taps or leaf in linear:
         continue
       if leaf in forced or _ghost_layers.materialises(tap, tap.weight_shape):
         formed[leaf] = jax.vmap(
-            lambda a, g, tap=tap: _gradient_to_leaf(
+            lambda a, g, tap=tap: _ghost_linear.gradient_to_leaf(
                 tap,
                 _ghost_layers.tapped_gradient(tap, a, g, tap.weight_shape),
             ),
@@ -444,14 +422,14 @@ def ghost_chunk_function(
           formed, taps, activations, cotangents, leaves, rest_leaves,
           settings.spmd_axis_name,
       )
-    # Each leaf's squared norm goes to its clipping group (one group unless
-    # l2_clip_norm is a pytree), and each leaf is scaled by its group's
-    # factor, as the vmap path does.
-    user_tree = jax.tree_util.tree_unflatten(diff_tree, diff_leaves)
-    groups = settings.clip_rule.leaf_groups(
-        user_tree[0] if len(argnums) == 1 else user_tree
-    )
     squared = jnp.zeros((batch_size, settings.clip_rule.num_groups), jnp.float32)
+    for index, (group, book_kept) in linear.items():
+      if book_kept:
+        for grad in _ghost_linear.linear_gradients(
+            plan, taps[index], activations, cotangents, leaves, rest_leaves,
+            batch_size, settings.spmd_axis_name, squared_norms=True,
+        ).values():
+          squared = squared.at[:, group].add(grad)
     for leaf, grad in formed.items():
       grad = grad.astype(_per_example.at_least_f32(grad.dtype))
       squared = squared.at[:, groups[leaf]].add(
@@ -486,28 +464,34 @@ def ghost_chunk_function(
       out_dtype = _per_example.accumulation_dtype(
           diff_leaves[leaf].dtype, settings.dtype
       )
-      grad = _mask_examples(keep, grad.astype(coefficients.dtype))
+      grad = _ghost_linear.mask_examples(keep, grad.astype(coefficients.dtype))
       summed[leaf] = jnp.tensordot(
           coefficients[:, groups[leaf]], grad, axes=1
       ).astype(out_dtype)
     for leaf, tap in ghosts.items():
       weight = diff_leaves[leaf]
-      cotangent = cotangents[leaf]
-      coefficient = coefficients[:, groups[leaf]]
-      scaled = _mask_examples(
-          keep,
-          coefficient.reshape((-1,) + (1,) * (cotangent.ndim - 1)) * cotangent,
-      ).astype(cotangent.dtype)
-      activation = _mask_examples(keep, activations[leaf])
-      _, layer_pullback = jax.vjp(
-          lambda w, tap=tap, activation=activation: _book_keeping_layer(
-              tap, w, activation
-          ),
-          weight.astype(_per_example.at_least_f32(weight.dtype)),
+      grad_sum = _ghost_linear.book_kept_sum(
+          tap, weight, activations[leaf], cotangents[leaf],
+          coefficients[:, groups[leaf]], keep,
       )
-      (grad_sum,) = layer_pullback(scaled)
       out_dtype = _per_example.accumulation_dtype(weight.dtype, settings.dtype)
       summed[leaf] = grad_sum.astype(out_dtype)
+    for index, (group, book_kept) in linear.items():
+      if not book_kept:
+        continue
+      # The transform's VJP of the weight's clipped sum (linear_taps).
+      weight_sum = _ghost_linear.book_kept_sum(
+          taps[index], leaves[index], activations[index], cotangents[index],
+          coefficients[:, group], keep,
+      )
+      for leaf, grad_sum in plan.linear_sums(
+          index, weight_sum, leaves, rest_leaves
+      ).items():
+        summed[leaf] = grad_sum.astype(
+            _per_example.accumulation_dtype(
+                diff_leaves[leaf].dtype, settings.dtype
+            )
+        )
     for leaf, grad in rows.items():
       summed[leaf] = grad.clipped_sum(
           coefficients[:, groups[leaf]], keep

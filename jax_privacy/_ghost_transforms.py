@@ -325,6 +325,101 @@ class TransformPlan:
         forced.update(t.leaves)
     return frozenset(forced & set(taps))
 
+  def linear_taps(self, taps, groups) -> frozenset[int]:
+    """Virtual leaves whose parameters get gradient from them alone.
+
+    Such a transform's leaves are read by no other transform and not by the
+    loss directly, and lie in one clipping group: an example's gradient for
+    them is ``J_T^T grad_w'``, linear in the weight's gradient, so their
+    clipped sum is ``J_T^T (sum_b c_b grad_w'_b)``, the transform's VJP of
+    the weight's book-kept sum, and only the per-example norms need the
+    weight's per-example gradient (:meth:`linear_gradients`).
+    """
+    counts = collections.Counter(
+        leaf for t in self.transforms for leaf in t.leaves
+    )
+    lora = self.lora_taps(taps)
+    linear = set()
+    for j, t in enumerate(self.transforms):
+      index = self.num_leaves + j
+      if (
+          index in taps
+          and index not in lora
+          and t.leaves
+          and all(counts[i] == 1 and i in self.unused for i in t.leaves)
+          and len({groups[i] for i in t.leaves}) == 1
+      ):
+        linear.add(index)
+    return frozenset(linear)
+
+  def _transform(self, t, env, values):
+    local = dict(env)
+    local.update(
+        (self.flat.jaxpr.invars[i], v) for i, v in zip(t.leaves, values)
+    )
+    _run(t.eqns, local)
+    return local[t.var]
+
+  def _pullback(self, index, leaves, rest):
+    """The transform of virtual leaf ``index``, and its VJP at ``leaves``."""
+    t = self.transforms[index - self.num_leaves]
+    env = self._env(leaves, rest)
+    _, pullback = jax.vjp(
+        lambda values: self._transform(t, env, values),
+        [leaves[i] for i in t.leaves],
+    )
+    return t, pullback
+
+  def linear_gradients(
+      self, index, weight_gradient, activations, cotangents, leaves, rest,
+      *, squared_norms=False, chunk_size=None, spmd_axis_name=None,
+  ) -> dict[int, jax.Array]:
+    """Per-example gradients (or squared norms) of a linear tap's leaves.
+
+    Args:
+      index: a virtual leaf of :meth:`linear_taps`.
+      weight_gradient: ``(activation, cotangent) -> gradient`` of one
+        example for the virtual leaf.
+      activations: ``[batch, ...]`` the layer's activations.
+      cotangents: ``[batch, ...]`` its output cotangents.
+      leaves: trainable leaves then virtual leaves (values).
+      rest: the other arguments' leaves (None where batched).
+      squared_norms: return each leaf's squared gradient norm per example
+        (``[batch]``, at least float32) rather than the gradient.
+      chunk_size: take the examples this many at a time (``lax.map``), which
+        caps the memory of the weight gradients (and of their inputs) that
+        are formed at once; None: all at once.
+      spmd_axis_name: for ``jax.vmap`` (then all examples at once).
+
+    Returns:
+      ``{leaf: [batch, ...]}``, the examples' gradients for the transform's
+      leaves (in at least float32) or their squared norms.
+    """
+    t, pullback = self._pullback(index, leaves, rest)
+
+    def one(pair):
+      grad = weight_gradient(*pair).astype(t.var.aval.dtype)
+      (contributions,) = pullback(grad)
+      contributions = [
+          c.astype(_per_example.at_least_f32(c.dtype)) for c in contributions
+      ]
+      if squared_norms:
+        return [jnp.sum(jnp.square(c)) for c in contributions]
+      return contributions
+
+    pair = (activations, cotangents)
+    if spmd_axis_name is not None or chunk_size is None:
+      out = jax.vmap(one, spmd_axis_name=spmd_axis_name)(pair)
+    else:
+      out = jax.lax.map(one, pair, batch_size=chunk_size)
+    return dict(zip(t.leaves, out))
+
+  def linear_sums(self, index, weight_sum, leaves, rest) -> dict[int, Any]:
+    """``{leaf: J_T^T weight_sum}`` of a :meth:`linear_taps` leaf."""
+    t, pullback = self._pullback(index, leaves, rest)
+    (contributions,) = pullback(weight_sum.astype(t.var.aval.dtype))
+    return dict(zip(t.leaves, contributions))
+
   def leaf_gradients(
       self, formed, taps, activations, cotangents, leaves, rest,
       spmd_axis_name=None,
@@ -372,13 +467,11 @@ class TransformPlan:
             rows[leaf] = grad
         continue
 
+      if index not in formed:
+        continue  # a linear tap (:meth:`linear_taps`)
+
       def transform(values, t=t):
-        local = dict(env)
-        local.update(
-            (self.flat.jaxpr.invars[i], v) for i, v in zip(t.leaves, values)
-        )
-        _run(t.eqns, local)
-        return local[t.var]
+        return self._transform(t, env, values)
 
       weight_grad = formed.pop(index).astype(t.var.aval.dtype)
       _, pullback = jax.vjp(transform, [leaves[i] for i in t.leaves])

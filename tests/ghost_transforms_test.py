@@ -16,13 +16,12 @@ import pytest
 
 from jax_privacy import _ghost_transforms
 from jax_privacy import clipping
-from _test_helpers import assert_trees_close  # pylint: disable=g-import-not-at-top
+from _test_helpers import assert_trees_close
+from _test_helpers import conv
+from _test_helpers import normal
+from _test_helpers import standardize  # pylint: disable=g-import-not-at-top
 
 BATCH = 6
-
-
-def _normal(seed, shape, scale=1.0):
-  return scale * jax.random.normal(jax.random.key(seed), shape)
 
 
 def _run(method, loss, args, **kwargs):
@@ -60,41 +59,21 @@ def _plan(loss, params, *example_args):
   return _ghost_transforms.plan_transforms(closed, len(leaves), batched)
 
 
-def _standardize(kernel, gain=None, *, scaled=False, epsilon=1e-4):
-  """Weight standardization per output channel (the last axis)."""
-  axes = tuple(range(kernel.ndim - 1))
-  mean = jnp.mean(kernel, axis=axes, keepdims=True)
-  var = jnp.var(kernel, axis=axes, keepdims=True)
-  if scaled:
-    fan_in = np.prod(kernel.shape[:-1])
-    kernel = (kernel - mean) * jax.lax.rsqrt(jnp.maximum(var * fan_in, epsilon))
-  else:
-    kernel = (kernel - mean) * jax.lax.rsqrt(var + epsilon)
-  return kernel if gain is None else kernel * gain
-
-
-def _conv(x, kernel, stride=1):
-  return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )
-
-
 def _ws_params():
   return {
-      'conv1': {'kernel': _normal(0, (3, 3, 3, 4)), 'bias': _normal(1, (4,))},
-      'conv2': {'kernel': _normal(2, (3, 3, 4, 5)), 'gain': 1.0 + _normal(3, (5,), 0.2)},
-      'head': {'kernel': _normal(4, (5, 3), 0.5), 'bias': jnp.zeros((3,))},
+      'conv1': {'kernel': normal(0, (3, 3, 3, 4)), 'bias': normal(1, (4,))},
+      'conv2': {'kernel': normal(2, (3, 3, 4, 5)), 'gain': 1.0 + normal(3, (5,), 0.2)},
+      'head': {'kernel': normal(4, (5, 3), 0.5), 'bias': jnp.zeros((3,))},
   }
 
 
 def _ws_loss(params, images, labels):
   """WS conv, scaled WS conv with gain (also used in the head), dense head."""
-  h = _conv(images, _standardize(params['conv1']['kernel']))
+  h = conv(images, standardize(params['conv1']['kernel']))
   h = jax.nn.relu(h + params['conv1']['bias'])
   gain = params['conv2']['gain']
   h = jax.nn.relu(
-      _conv(h, _standardize(params['conv2']['kernel'], gain, scaled=True), 2)
+      conv(h, standardize(params['conv2']['kernel'], gain, scaled=True), 2)
   )
   h = jnp.mean(h, axis=(1, 2))
   logits = h @ params['head']['kernel'] + params['head']['bias'] + gain[:3]
@@ -102,7 +81,7 @@ def _ws_loss(params, images, labels):
 
 
 def _image_data(size=8, channels=3):
-  images = _normal(10, (BATCH, size, size, channels))
+  images = normal(10, (BATCH, size, size, channels))
   images = images * jnp.linspace(0.2, 3.0, BATCH)[:, None, None, None]
   labels = jax.nn.one_hot(jnp.arange(BATCH) % 3, 3)
   return images, labels
@@ -127,7 +106,7 @@ def test_plan_is_none_without_transformed_weights():
   def loss(params, x):
     return jnp.sum(jnp.tanh(x @ params['w'].T) ** 2)
 
-  assert _plan(loss, {'w': _normal(0, (3, 4))}, _normal(1, (1, 4))) is None
+  assert _plan(loss, {'w': normal(0, (3, 4))}, normal(1, (1, 4))) is None
 
 
 def test_weight_standardized_conv_net_equals_vectorized():
@@ -161,17 +140,17 @@ def test_shared_standardized_kernel_and_dense_weight_standardization():
   """One WS kernel in two convolutions, and a WS dense layer."""
 
   def loss(params, images, labels):
-    kernel = _standardize(params['kernel'])
-    h = jax.nn.relu(_conv(images, kernel))
-    h = jax.nn.relu(_conv(h, kernel, 2))
+    kernel = standardize(params['kernel'])
+    h = jax.nn.relu(conv(images, kernel))
+    h = jax.nn.relu(conv(h, kernel, 2))
     h = jnp.mean(h, axis=(1, 2))
-    logits = h @ _standardize(params['dense'], params['gain'])
+    logits = h @ standardize(params['dense'], params['gain'])
     return -jnp.sum(jax.nn.log_softmax(logits) * labels)
 
   params = {
-      'kernel': _normal(0, (3, 3, 3, 3)),
-      'dense': _normal(1, (3, 3)),
-      'gain': 1.0 + _normal(2, (3,), 0.3),
+      'kernel': normal(0, (3, 3, 3, 3)),
+      'dense': normal(1, (3, 3)),
+      'gain': 1.0 + normal(2, (3,), 0.3),
   }
   _assert_methods_agree(loss, (params, *_image_data()), l2_clip_norm=48.0)
 
@@ -189,8 +168,8 @@ def test_weight_standardized_conv_in_flax_nnx():
       self.bias = nnx.Param(jnp.zeros((cout,)))
 
     def __call__(self, x):
-      kernel = _standardize(self.kernel[...], self.gain[...], scaled=True)
-      return _conv(x, kernel) + self.bias[...]
+      kernel = standardize(self.kernel[...], self.gain[...], scaled=True)
+      return conv(x, kernel) + self.bias[...]
 
   class Net(nnx.Module):
 
@@ -216,16 +195,16 @@ def test_weight_standardized_conv_in_flax_nnx():
 
 def _lora_params():
   return {
-      'a': _normal(0, (6, 2)),
-      'b': _normal(1, (2, 8), 0.5),
-      'qa': _normal(2, (8, 3, 2)),
-      'qb': _normal(3, (2, 4), 0.5),
-      'bias': _normal(4, (8,), 0.1),
+      'a': normal(0, (6, 2)),
+      'b': normal(1, (2, 8), 0.5),
+      'qa': normal(2, (8, 3, 2)),
+      'qb': normal(3, (2, 4), 0.5),
+      'bias': normal(4, (8,), 0.1),
   }
 
 
 def _lora_frozen():
-  return {'k': _normal(5, (6, 8)), 'q': _normal(6, (8, 3, 4))}
+  return {'k': normal(5, (6, 8)), 'q': normal(6, (8, 3, 4))}
 
 
 def _lora_loss(params, frozen, tokens, targets):
@@ -240,10 +219,10 @@ def _lora_loss(params, frozen, tokens, targets):
 
 
 def _lora_data():
-  tokens = _normal(7, (BATCH, 5, 6)) * jnp.linspace(0.3, 2.0, BATCH)[
+  tokens = normal(7, (BATCH, 5, 6)) * jnp.linspace(0.3, 2.0, BATCH)[
       :, None, None
   ]
-  return tokens, _normal(8, (BATCH, 5, 3, 4))
+  return tokens, normal(8, (BATCH, 5, 3, 4))
 
 
 def test_plan_recognises_merged_lora_kernels():
@@ -290,19 +269,19 @@ def test_merged_lora_with_per_group_clip_norms():
 )
 def test_unrecognised_low_rank_forms_fall_back_exactly(variant):
   """Products the LoRA path does not take go the general way, exactly."""
-  params = {'a': _normal(0, (6, 2)), 'b': _normal(1, (2, 8), 0.5)}
+  params = {'a': normal(0, (6, 2)), 'b': normal(1, (2, 8), 0.5)}
   if variant == 'trainable_scale':
     params['scale'] = jnp.asarray(0.7)
   if variant == 'conv':
-    params = {'k': _normal(2, (3, 3, 2, 4)), 'u': _normal(3, (3, 3, 2)),
-              'v': _normal(4, (2, 4))}
+    params = {'k': normal(2, (3, 3, 2, 4)), 'u': normal(3, (3, 3, 2)),
+              'v': normal(4, (2, 4))}
 
   def loss(params, tokens, targets):
     if variant == 'conv':
       delta = jnp.einsum('hwr,rc->hwc', params['u'], params['v'])
       kernel = params['k'] + 0.3 * delta[:, :, None, :]
       images = tokens.reshape((1, 5, 3, 2))
-      return jnp.mean((_conv(images, kernel) - targets[..., :4]) ** 2)
+      return jnp.mean((conv(images, kernel) - targets[..., :4]) ** 2)
     scale = params.get('scale', 0.5)
     merged = scale * (params['a'] @ params['b'])
     h = jnp.tanh(tokens @ -merged)
@@ -323,10 +302,10 @@ def test_unrecognised_low_rank_forms_fall_back_exactly(variant):
 @pytest.mark.parametrize('mode', ['fill', 'clip'])
 def test_merged_lora_embedding_table_equals_vectorized(mode):
   params = {
-      'a': _normal(0, (11, 2)), 'b': _normal(1, (2, 6)),
-      'head': _normal(2, (6, 3)),
+      'a': normal(0, (11, 2)), 'b': normal(1, (2, 6)),
+      'head': normal(2, (6, 3)),
   }
-  frozen = _normal(3, (11, 6))
+  frozen = normal(3, (11, 6))
 
   def loss(params, frozen, ids, labels):
     table = frozen + 0.5 * params['a'] @ params['b']
@@ -359,14 +338,14 @@ def test_merged_lora_embedding_table_equals_vectorized(mode):
 
 def test_lora_does_not_form_full_size_per_example_gradients():
   d_in, d_out, rank, batch = 96, 80, 2, 4
-  params = {'a': _normal(0, (d_in, rank)), 'b': _normal(1, (rank, d_out))}
-  frozen = _normal(2, (d_in, d_out))
+  params = {'a': normal(0, (d_in, rank)), 'b': normal(1, (rank, d_out))}
+  frozen = normal(2, (d_in, d_out))
 
   def loss(params, frozen, x):
     kernel = frozen + 2.0 * params['a'] @ params['b']
     return jnp.sum(jnp.tanh(x @ kernel) ** 2)
 
-  x = _normal(3, (batch, 7, d_in))
+  x = normal(3, (batch, 7, d_in))
   full = (batch, d_in, d_out)
 
   def shapes(method):
