@@ -396,18 +396,7 @@ def calibrate_noise_multiplier(
     _memo.put(memo_key, noise_multiplier)
     return noise_multiplier
   except _noise_search.Unreachable:
-    epsilon = accountant.compute_epsilon(
-        num_updates,
-        analysis.DpParams(
-            noise_multipliers=_MAX_NOISE_MULTIPLIER,
-            num_samples=num_samples,
-            delta=target_delta,
-            batch_sizes=batch_sizes,
-            examples_per_user=examples_per_user,
-            cycle_length=cycle_length,
-            truncated_batch_size=truncated_batch_size,
-        ),
-    )
+    epsilon = epsilon_for(accountant, _MAX_NOISE_MULTIPLIER)
     raise ValueError(
         f'target_epsilon={target_epsilon} is unreachable: even'
         f' noise_multiplier={_MAX_NOISE_MULTIPLIER:g} gives'

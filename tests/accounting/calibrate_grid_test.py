@@ -14,6 +14,7 @@ import pytest
 from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 from jax_privacy.accounting import calibrate
+from _counting_accountant import CountingAccountant  # pylint: disable=g-import-not-at-top
 
 logging.getLogger('absl').setLevel(logging.ERROR)
 
@@ -21,22 +22,8 @@ logging.getLogger('absl').setLevel(logging.ERROR)
 _FINE = accountants.PldAccountantConfig(value_discretization_interval=1e-3)
 
 
-class _Counting(analysis.DpsgdTrainingAccountant):
-  """Counts the evaluations made with each accountant config."""
-
-  calls: dict
-
-  def compute_epsilon(self, num_updates, dp_params,
-                      allow_approximate_cache=False):
-    interval = self.dp_accountant_config.value_discretization_interval
-    self.calls[interval] = self.calls.get(interval, 0) + 1
-    return super().compute_epsilon(num_updates, dp_params)
-
-
 def _accountant():
-  accountant = _Counting(_FINE)
-  accountant.calls = {}
-  return accountant
+  return CountingAccountant(_FINE)
 
 
 def _epsilon(noise, batch_size, steps, num_samples, delta=1e-5):

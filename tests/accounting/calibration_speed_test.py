@@ -23,6 +23,7 @@ from jax_privacy.accounting import accountants
 from jax_privacy.accounting import analysis
 from jax_privacy.accounting import calibrate
 from jax_privacy.experimental import execution_plan
+from _counting_accountant import CountingAccountant  # pylint: disable=g-import-not-at-top
 
 logging.getLogger('absl').setLevel(logging.ERROR)
 
@@ -30,22 +31,8 @@ _EXACT = accountants.PldAccountantConfig()  # The default 1e-4 grid.
 _TOL = 0.01  # The default tol of calibrate_noise_multiplier.
 
 
-class _Counting(analysis.DpsgdTrainingAccountant):
-  """Counts the evaluations made with each discretization interval."""
-
-  calls: dict
-
-  def compute_epsilon(self, num_updates, dp_params,
-                      allow_approximate_cache=False):
-    interval = self.dp_accountant_config.value_discretization_interval
-    self.calls[interval] = self.calls.get(interval, 0) + 1
-    return super().compute_epsilon(num_updates, dp_params)
-
-
 def _counting():
-  accountant = _Counting(_EXACT)
-  accountant.calls = {}
-  return accountant
+  return CountingAccountant(_EXACT)
 
 
 def _epsilon(sigma, *, batch_size, steps, num_samples, delta):
